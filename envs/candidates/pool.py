@@ -1,0 +1,221 @@
+"""The candidate pool: routes calls to backends concurrently, counts tokens and keeps the cost ledger.
+
+A backend is any object with `async complete(request) -> Completion` (and optionally `aclose()`);
+backends register a factory by kind so a pool YAML can name them. A failed call never raises out of
+the pool: it becomes a `CallRecord` with `error` set and zero cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import yaml
+
+from envs.candidates.spec import CallRecord, CandidateSpec, Completion, RequestConfig
+from rewards.cost import raw_cost
+
+
+class CandidateError(RuntimeError):
+    """A candidate call failed for good (after retries); the message is safe to show and log."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One call: the candidate, the policy's sub-query, the messages built from it, the sampling
+    parameters, and the episode's original question (only replay backends read it)."""
+
+    spec: CandidateSpec
+    query: str
+    messages: list
+    sampling: dict
+    question: str = ""
+
+
+class Backend(Protocol):
+    async def complete(self, request: Request) -> Completion: ...
+
+
+_BACKENDS: dict[str, Callable[..., Backend]] = {}
+
+
+def register_backend(kind: str):
+    """Register `factory(specs=..., **options) -> Backend` under `kind` (used by pool YAML files)."""
+    def deco(factory):
+        if kind in _BACKENDS:
+            raise ValueError(f"backend {kind!r} is already registered")
+        _BACKENDS[kind] = factory
+        return factory
+    return deco
+
+
+def make_backend(kind: str, specs: Sequence[CandidateSpec], **options: Any) -> Backend:
+    _import_builtin_backends()
+    if kind not in _BACKENDS:
+        raise ValueError(f"unknown candidate backend {kind!r}; known: {', '.join(sorted(_BACKENDS))}")
+    return _BACKENDS[kind](specs=specs, **options)
+
+
+def _import_builtin_backends() -> None:
+    import importlib
+    for module in ("simulated", "openai", "local", "replay", "cache"):
+        try:
+            importlib.import_module(f"envs.candidates.{module}")
+        except ModuleNotFoundError as e:
+            if e.name != f"envs.candidates.{module}":
+                raise
+
+
+def word_count(text: str) -> int:
+    """Fallback token counter when no tokenizer is given: whitespace-separated words."""
+    return len(text.split())
+
+
+class _LoopThread:
+    """A private asyncio loop on a daemon thread, so async clients live across batches of calls."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="candidate-calls")
+        self.thread.start()
+
+    def run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+        self.loop.close()
+
+
+class CandidatePool:
+    """Candidates by name, one backend serving them, the request config and the pricing rule."""
+
+    def __init__(
+        self,
+        specs: Sequence[CandidateSpec],
+        backend: Backend,
+        request: RequestConfig | None = None,
+        count_prompt_tokens: bool = False,
+        count_tokens: Callable[[str], int] = word_count,
+    ):
+        if not specs:
+            raise ValueError("a candidate pool needs at least one candidate")
+        self.specs = list(specs)
+        seen: dict[str, str] = {}
+        for s in self.specs:
+            key = s.name.casefold()
+            if key in seen:
+                raise ValueError(f"candidate names {seen[key]!r} and {s.name!r} collide (names are case-insensitive)")
+            seen[key] = s.name
+        self.by_name = {s.name: s for s in self.specs}
+        self.backend = backend
+        self.request = request or RequestConfig()
+        self.count_prompt_tokens = count_prompt_tokens
+        self.count_tokens = count_tokens
+        self._loop: _LoopThread | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.specs]
+
+    def call(self, name: str, query: str, question: str = "") -> CallRecord:
+        return self.call_many([(name, query, question)])[0]
+
+    def call_many(self, calls: Sequence[tuple[str, str, str]]) -> list[CallRecord]:
+        """Run (candidate name, query, episode question) calls concurrently; records in input order."""
+        if not calls:
+            return []
+        if self._loop is None:
+            self._loop = _LoopThread()
+        return self._loop.run(self._gather(calls))
+
+    async def _gather(self, calls: Sequence[tuple[str, str, str]]) -> list[CallRecord]:
+        return list(await asyncio.gather(*(self._call(*c) for c in calls)))
+
+    async def _call(self, name: str, query: str, question: str) -> CallRecord:
+        spec = self.by_name[name]
+        messages = self.request.messages(query)
+        request = Request(spec, query, messages, self.request.sampling(), question)
+        start = time.perf_counter()
+        try:
+            done = await self.backend.complete(request)
+        except Exception as e:  # a candidate failure degrades the episode, never the run
+            reason = str(e) if isinstance(e, CandidateError) else f"{type(e).__name__}: {e}"
+            return CallRecord(name, query, "", latency_s=time.perf_counter() - start,
+                              error=reason[:300], attempts=getattr(e, "attempts", 0))
+        prompt_tokens = done.prompt_tokens
+        if prompt_tokens is None:
+            prompt_tokens = sum(self.count_tokens(m["content"]) for m in messages)
+        completion_tokens = done.completion_tokens
+        if completion_tokens is None:
+            completion_tokens = self.count_tokens(done.text)
+        record = CallRecord(
+            name, query, done.text, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+            price_per_1m_input=spec.price_per_1m_input if self.count_prompt_tokens else 0.0,
+            price_per_1m_output=spec.price_per_1m_output, latency_s=time.perf_counter() - start,
+            cached=done.cached, attempts=done.attempts,
+        )
+        record.cost = raw_cost([record])
+        record.full_cost = raw_cost([{**record.as_dict(), "price_per_1m_input": spec.price_per_1m_input}])
+        return record
+
+    def close(self) -> None:
+        if self._loop is not None:
+            aclose = getattr(self.backend, "aclose", None)
+            if aclose is not None:
+                self._loop.run(aclose())
+            self._loop.stop()
+            self._loop = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+_POOL_KEYS = {"candidates", "backend", "request", "count_prompt_tokens", "cache"}
+_SPEC_KEYS = {"name", "model", "params_b", "price_per_1m_output", "price_per_1m_input", "description"}
+
+
+def load_pool(
+    source: str | Path | Mapping,
+    count_tokens: Callable[[str], int] = word_count,
+    backend: Backend | None = None,
+) -> CandidatePool:
+    """Build a pool from a YAML file (or its parsed mapping). `backend` overrides the file's backend
+    (e.g. a simulated one built in code). Unknown keys are errors naming the file and the key."""
+    where = str(source) if not isinstance(source, Mapping) else "<pool mapping>"
+    if isinstance(source, Mapping):
+        cfg = dict(source)
+    else:
+        with open(source) as f:
+            cfg = yaml.safe_load(f) or {}
+    unknown = set(cfg) - _POOL_KEYS
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_POOL_KEYS)}")
+    specs = []
+    for i, c in enumerate(cfg.get("candidates") or []):
+        bad = set(c) - _SPEC_KEYS
+        if bad:
+            raise ValueError(f"{where}: candidates[{i}] has unknown key(s) {sorted(bad)}; allowed: {sorted(_SPEC_KEYS)}")
+        try:
+            specs.append(CandidateSpec(**c))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: candidates[{i}]: {e}") from None
+    if not specs:
+        raise ValueError(f"{where}: no candidates listed under 'candidates'")
+    if backend is None:
+        options = dict(cfg.get("backend") or {"kind": "simulated"})
+        backend = make_backend(options.pop("kind"), specs, **options)
+    cache = cfg.get("cache")
+    if cache and cache.get("mode", "off") != "off":
+        from envs.candidates.cache import CachedBackend
+        backend = CachedBackend(backend, path=cache["path"], mode=cache["mode"])
+    return CandidatePool(specs, backend, RequestConfig(**(cfg.get("request") or {})),
+                         bool(cfg.get("count_prompt_tokens", False)), count_tokens)

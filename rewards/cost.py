@@ -1,0 +1,160 @@
+"""Raw call cost and the cost normalizers that map it to a score in [0, 1] (1 = cheapest)."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from typing import Any, Callable, Iterable, Protocol
+
+import numpy as np
+
+_CALL_FIELDS = ("prompt_tokens", "completion_tokens", "price_per_1m_input", "price_per_1m_output")
+
+
+def _field(call: Any, key: str, index: int) -> float:
+    value = call.get(key) if isinstance(call, Mapping) else getattr(call, key, None)
+    if value is None:
+        raise ValueError(f"call {index} has no {key!r} (needs {', '.join(_CALL_FIELDS)})")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"call {index}: {key}={value!r} must be a finite number >= 0")
+    return float(value)
+
+
+def raw_cost(calls: Iterable[Any]) -> float:
+    """Sum over calls of `completion_tokens * price_per_1m_output + prompt_tokens * price_per_1m_input`.
+
+    Prices are per million tokens and are not divided, so the unit is micro-dollars. With input
+    prices 0 this is the cost the Router-R1 paper reports. Calls are mappings or objects with the
+    four fields.
+    """
+    total = 0.0
+    for i, call in enumerate(calls):
+        total += (_field(call, "completion_tokens", i) * _field(call, "price_per_1m_output", i)
+                  + _field(call, "prompt_tokens", i) * _field(call, "price_per_1m_input", i))
+    return total
+
+
+class CostNormalizer(Protocol):
+    """Maps a raw cost to a score in [0, 1]; `score` is pure, `update` feeds observed costs."""
+
+    def update(self, raw_costs: Iterable[float]) -> None: ...
+    def score(self, raw: float) -> float: ...
+    def __call__(self, raw: float) -> float: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def _check_cost(raw: float) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not math.isfinite(raw) or raw < 0:
+        raise ValueError(f"raw cost must be a finite number >= 0, got {raw!r}")
+    return float(raw)
+
+
+_NORMALIZERS: dict[str, Callable[..., "CostNormalizer"]] = {}
+
+
+def register_cost_normalizer(name: str):
+    def deco(cls):
+        if name in _NORMALIZERS:
+            raise ValueError(f"cost normalizer {name!r} is already registered")
+        cls.kind = name
+        _NORMALIZERS[name] = cls
+        return cls
+    return deco
+
+
+def make_cost_normalizer(name: str, **options: Any) -> "CostNormalizer":
+    """Build a normalizer by name: "router_r1" (window=1000), "budget" (budget=...), "none"."""
+    if name not in _NORMALIZERS:
+        raise ValueError(f"unknown cost normalizer {name!r}; known: {', '.join(sorted(_NORMALIZERS))}")
+    return _NORMALIZERS[name](**options)
+
+
+class _Base:
+    kind = ""
+
+    def update(self, raw_costs: Iterable[float]) -> None:
+        for raw in raw_costs:
+            _check_cost(raw)
+
+    def __call__(self, raw: float) -> float:
+        """The paper's per-sample behaviour: update with this cost, then score it."""
+        self.update([raw])
+        return self.score(raw)
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != self.kind:
+            raise ValueError(f"state of cost normalizer {state.get('kind')!r} loaded into {self.kind!r}")
+
+
+@register_cost_normalizer("router_r1")
+class RouterR1Normalizer(_Base):
+    """Router-R1's sliding-window percentile scaling of sqrt(cost).
+
+    `update` appends sqrt(raw) of each cost to a window of the last `window` values. `score(raw)`
+    is `1 - clip((sqrt(raw) - lo) / (hi - lo), 0, 1)` with lo, hi the 5th and 95th percentiles of
+    the window (numpy's linear interpolation); 0.5 when the window is empty or hi - lo < 1e-8.
+    """
+
+    def __init__(self, window: int = 1000, low_pct: float = 5.0, high_pct: float = 95.0):
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a positive int, got {window!r}")
+        if not 0 <= low_pct < high_pct <= 100:
+            raise ValueError(f"need 0 <= low_pct < high_pct <= 100, got {low_pct}, {high_pct}")
+        self.window, self.low_pct, self.high_pct = window, low_pct, high_pct
+        self._values: deque[float] = deque(maxlen=window)
+
+    def update(self, raw_costs: Iterable[float]) -> None:
+        for raw in raw_costs:
+            self._values.append(math.sqrt(_check_cost(raw)))
+
+    def score(self, raw: float) -> float:
+        r = math.sqrt(_check_cost(raw))
+        if not self._values:
+            return 0.5
+        lo, hi = np.percentile(np.fromiter(self._values, float), [self.low_pct, self.high_pct])
+        if hi - lo < 1e-8:
+            return 0.5
+        return float(1.0 - np.clip((r - lo) / (hi - lo), 0.0, 1.0))
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "window": self.window, "low_pct": self.low_pct,
+                "high_pct": self.high_pct, "values": list(self._values)}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.window, self.low_pct, self.high_pct = state["window"], state["low_pct"], state["high_pct"]
+        self._values = deque((float(v) for v in state["values"]), maxlen=self.window)
+
+
+@register_cost_normalizer("budget")
+class BudgetNormalizer(_Base):
+    """A fixed cost scale: `1 - min(raw / budget, 1)`; `update` does nothing."""
+
+    def __init__(self, budget: float):
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+            raise ValueError(f"budget must be a number > 0, got {budget!r}")
+        self.budget = float(budget)
+
+    def score(self, raw: float) -> float:
+        return 1.0 - min(_check_cost(raw) / self.budget, 1.0)
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "budget": self.budget}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.budget = float(state["budget"])
+
+
+@register_cost_normalizer("none")
+class NoCostNormalizer(_Base):
+    """Cost plays no part: the score is always 0.0."""
+
+    def score(self, raw: float) -> float:
+        _check_cost(raw)
+        return 0.0
