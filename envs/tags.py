@@ -84,13 +84,18 @@ def parse_call(content: str, candidate_names: Sequence[str]) -> Call:
     one of `candidate_names` case-insensitively and exactly (no substring matching); the stripped
     query must be non-empty. Raises `ValueError` with a message fit to show the policy otherwise.
     """
+    if isinstance(candidate_names, str):
+        raise TypeError("candidate_names must be a sequence of names, not one string")
+    names = tuple(candidate_names)
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError(f"candidate_names must all be str, got {names!r}")
     if ":" not in content:
         raise ValueError("no colon: write <search> Candidate-Name: question </search>")
     raw_name, query = content.split(":", 1)
     wanted = raw_name.strip().casefold()
-    matches = [n for n in candidate_names if n.casefold() == wanted]
+    matches = [n for n in names if n.casefold() == wanted]
     if not matches:
-        raise ValueError(f"unknown candidate {raw_name.strip()!r}; known: {', '.join(candidate_names)}")
+        raise ValueError(f"unknown candidate {raw_name.strip()!r}; known: {', '.join(names)}")
     if not query.strip():
         raise ValueError(f"empty query for {matches[0]}")
     return Call(matches[0], query.strip())
@@ -108,7 +113,9 @@ def check_candidate_name(name: str) -> str:
     return name
 
 
-_TAGLIKE_RE = re.compile(r"<(?=\s*/?\s*(?:think|search|info|answer)\b)", re.IGNORECASE)
+# `(?:/\s*)?` rather than `/?\s*`: two adjacent `\s*` backtrack against each other, which made a `<`
+# followed by a long run of spaces quadratic.
+_TAGLIKE_RE = re.compile(r"<(?=\s*(?:/\s*)?(?:think|search|info|answer)\b)", re.IGNORECASE)
 
 
 def escape_info(text: str) -> str:

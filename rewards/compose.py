@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from rewards.answer import exact_match, extract_answer, f1_score
+from rewards.answer import _golden_list, exact_match, extract_answer, f1_score
 from rewards.cost import CostNormalizer
 from rewards.format import FORMAT_PENALTY, format_reward
 
@@ -46,6 +46,7 @@ def compute_reward(
         raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
     if isinstance(raw_cost, bool) or not isinstance(raw_cost, (int, float)) or not math.isfinite(raw_cost) or raw_cost < 0:
         raise ValueError(f"raw_cost must be a finite number >= 0, got {raw_cost!r}")
+    _golden_list(golden_answers)  # bad golden answers are a data error even when the format fails
     fmt = format_reward(response, candidate_names)
     if fmt == FORMAT_PENALTY:
         return RewardBreakdown(FORMAT_PENALTY, FORMAT_PENALTY, 0.0, 0.0)

@@ -15,6 +15,7 @@ def format_errors(response: str, candidate_names: Sequence[str]) -> list[str]:
         raise TypeError(f"response must be str, got {type(response).__name__}")
     if isinstance(candidate_names, str):
         raise TypeError("candidate_names must be a sequence of names, not one string")
+    candidate_names = tuple(candidate_names)  # read once per search; an iterator would run dry
     errors = []
     text = response.strip()
     if not text.startswith(open_tag(THINK)):

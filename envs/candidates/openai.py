@@ -1,0 +1,203 @@
+"""The `openai` backend: any OpenAI-compatible `/chat/completions` server, with retries and backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import os
+import random
+import time
+from typing import Mapping, Sequence
+
+import httpx
+
+from envs.candidates.pool import CandidateError, Request, register_backend
+from envs.candidates.spec import CandidateSpec, Completion
+
+log = logging.getLogger(__name__)
+
+# Statuses worth another try: request timeout, rate limit, and every server-side error.
+RETRY_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
+
+
+class _Retryable(Exception):
+    """One attempt failed in a way that may pass on retry; `retry_after_s` is the server's hint."""
+
+    def __init__(self, reason: str, retry_after_s: float | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+def candidate_error(reason: str, attempts: int) -> CandidateError:
+    """A `CandidateError` carrying the number of HTTP attempts made (the pool records it)."""
+    err = CandidateError(reason)
+    err.attempts = attempts
+    return err
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a `Retry-After` header: delta-seconds or an HTTP date (RFC 9110 10.2.3).
+    Returns None when the header is absent or unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+class OpenAIBackend:
+    """POSTs `{base_url}/chat/completions` with the spec's model id, the request's messages and
+    sampling parameters, through one `httpx.AsyncClient` created inside the running loop.
+
+    Retry rule: timeouts, connection errors, HTTP 408/429/5xx, and 200 replies whose body is not
+    JSON or lacks `choices[0].message.content` are retried up to `max_retries` times (a truncated
+    body is usually a gateway under load; a server that always sends one costs only the retries).
+    Other 4xx fail at once. Before retry k (1-based) the wait is the server's `Retry-After`,
+    capped at `retry_after_max_s`, when it sent one, else full jitter: uniform(0, min(backoff_max_s,
+    backoff_base_s * 2**(k-1))) ("Exponential Backoff and Jitter", AWS Architecture Blog, 2015).
+    At most `max_concurrency` requests are in flight; waits between retries do not hold a slot.
+
+    The API key is read from the environment variable *named* `api_key_env` when the client is
+    built; it is never stored on this object, printed, or put in an error message.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key_env: str | None = None,
+        timeout_s: float = 60.0,
+        max_concurrency: int = 16,
+        max_retries: int = 3,
+        backoff_base_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        retry_after_max_s: float = 60.0,
+        headers: Mapping[str, str] | None = None,
+        seed: int | None = None,
+    ):
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"openai backend: base_url must start with http:// or https://, got {base_url!r}")
+        for key, value in (("timeout_s", timeout_s), ("backoff_base_s", backoff_base_s),
+                           ("backoff_max_s", backoff_max_s), ("retry_after_max_s", retry_after_max_s)):
+            if not value >= 0:
+                raise ValueError(f"openai backend: {key}={value!r} must be >= 0")
+        if max_concurrency < 1:
+            raise ValueError(f"openai backend: max_concurrency={max_concurrency!r} must be >= 1")
+        if max_retries < 0:
+            raise ValueError(f"openai backend: max_retries={max_retries!r} must be >= 0")
+        self.base_url = base_url.rstrip("/")
+        self.api_key_env = api_key_env
+        self.timeout_s = float(timeout_s)
+        self.max_concurrency = int(max_concurrency)
+        self.max_retries = int(max_retries)
+        self.backoff_base_s = float(backoff_base_s)
+        self.backoff_max_s = float(backoff_max_s)
+        self.retry_after_max_s = float(retry_after_max_s)
+        self.headers = dict(headers or {})
+        self.rng = random.Random(seed)
+        self._client: httpx.AsyncClient | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        if api_key_env and not os.environ.get(api_key_env):
+            log.warning("openai backend: environment variable %s is not set; calls to %s will fail",
+                        api_key_env, self.base_url)
+
+    def __repr__(self) -> str:
+        return (f"OpenAIBackend(base_url={self.base_url!r}, api_key_env={self.api_key_env!r}, "
+                f"timeout_s={self.timeout_s}, max_concurrency={self.max_concurrency}, "
+                f"max_retries={self.max_retries}, headers={sorted(self.headers)})")
+
+    def _ensure_client(self) -> tuple[httpx.AsyncClient, asyncio.Semaphore]:
+        """Build the client and the concurrency limit in the running loop (a client cannot move
+        between loops; one built in a loop that has since changed is dropped and rebuilt)."""
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            headers = dict(self.headers)
+            if self.api_key_env:
+                key = os.environ.get(self.api_key_env)
+                if not key:
+                    raise candidate_error(f"environment variable {self.api_key_env} (API key for "
+                                          f"{self.base_url}) is not set", attempts=0)
+                headers["Authorization"] = f"Bearer {key}"
+            self._client = httpx.AsyncClient(
+                base_url=self.base_url, headers=headers, timeout=httpx.Timeout(self.timeout_s),
+                limits=httpx.Limits(max_connections=self.max_concurrency))
+            self._slots = asyncio.Semaphore(self.max_concurrency)
+            self._loop = loop
+        return self._client, self._slots
+
+    def _redact(self, text: str) -> str:
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        return text.replace(key, "***") if key else text
+
+    def backoff_s(self, attempt: int, retry_after_s: float | None) -> float:
+        """The wait before retry number `attempt` (1-based); see the class docstring."""
+        if retry_after_s is not None:
+            return min(retry_after_s, self.retry_after_max_s)
+        return self.rng.uniform(0.0, min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1)))
+
+    async def complete(self, request: Request) -> Completion:
+        client, slots = self._ensure_client()
+        payload = {"model": request.spec.model, "messages": request.messages, **request.sampling}
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                async with slots:
+                    text, prompt_tokens, completion_tokens = await self._attempt(client, payload)
+                return Completion(text, prompt_tokens, completion_tokens, attempts=attempts)
+            except _Retryable as e:
+                if attempts > self.max_retries:
+                    raise candidate_error(f"{request.spec.name}: {e.reason} after {attempts} attempt(s)",
+                                          attempts) from None
+                await asyncio.sleep(self.backoff_s(attempts, e.retry_after_s))
+            except CandidateError as e:
+                raise candidate_error(f"{request.spec.name}: {e} after {attempts} attempt(s)", attempts) from None
+
+    async def _attempt(self, client: httpx.AsyncClient, payload: dict) -> tuple[str, int | None, int | None]:
+        """One HTTP round trip: the reply text and token counts, or `_Retryable` / `CandidateError`."""
+        try:
+            response = await client.post("/chat/completions", json=payload)
+        except httpx.TimeoutException as e:
+            raise _Retryable(f"{type(e).__name__} (timeout {self.timeout_s:g}s)") from None
+        except httpx.TransportError as e:
+            raise _Retryable(self._redact(f"{type(e).__name__}: {e}")[:200]) from None
+        status = response.status_code
+        if status in RETRY_STATUSES:
+            raise _Retryable(f"HTTP {status}", parse_retry_after(response.headers.get("retry-after")))
+        if status != 200:
+            raise CandidateError(self._redact(f"HTTP {status}: {response.text[:200]}"))
+        try:
+            body = response.json()
+            text = body["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise _Retryable("reply is not JSON with choices[0].message.content") from None
+        if not isinstance(text, str):
+            raise _Retryable(f"choices[0].message.content is {type(text).__name__}, not a string")
+        usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+        return text, _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client, self._slots, self._loop = None, None, None
+
+
+def _count(value) -> int | None:
+    """A usage count as int, or None when the server left it out or sent something unusable."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+@register_backend("openai")
+def _make_openai(specs: Sequence[CandidateSpec], **options) -> OpenAIBackend:
+    return OpenAIBackend(**options)

@@ -1,0 +1,224 @@
+"""The episode state machine: one question's trajectory, shared by the token-level gym env and the
+batched form. Tag scanning, `Name: query` parsing, routing, reply insertion, limits, the cost ledger
+and the final reward all happen here and nowhere else."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+from tokenizers.decoders import DecodeStream
+
+from envs.candidates.pool import CandidatePool
+from envs.candidates.spec import CallRecord
+from envs.tags import ANSWER, INFO, SEARCH, Call, TagScanner, close_tag, escape_info, open_tag, parse_call
+from rewards import RewardBreakdown, compute_reward
+from rewards.cost import CostNormalizer
+
+RewardFn = Callable[..., RewardBreakdown]  # compute_reward's signature
+
+GENERATING, CALLING, DONE = "generating", "calling", "done"
+NO_CALLS_LEFT = "no calls remain; answer now"
+
+
+@dataclass
+class EpisodeConfig:
+    """Limits and reward settings of an episode."""
+
+    max_turns: int = 4  # <search> blocks that get a real call; later ones get NO_CALLS_LEFT
+    max_response_tokens: int = 512  # policy tokens; reaching it ends the episode (format penalty)
+    max_info_tokens: int = 256  # a reply is truncated to about this many tokens before insertion
+    alpha: float = 0.0  # quality/cost trade-off of the reward (Router-R1 eq. 6)
+    metric: str = "em"  # outcome metric: "em" or "f1"
+    prompt_template: str = "router_r1"  # a name in envs.prompts.TEMPLATES or a format string
+
+    def __post_init__(self) -> None:
+        if self.max_turns < 0:
+            raise ValueError(f"max_turns must be >= 0, got {self.max_turns}")
+        if self.max_response_tokens < 1:
+            raise ValueError(f"max_response_tokens must be >= 1, got {self.max_response_tokens}")
+        if self.max_info_tokens < 1:
+            raise ValueError(f"max_info_tokens must be >= 1, got {self.max_info_tokens}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must lie in [0, 1], got alpha={self.alpha}")
+        if self.metric not in ("em", "f1"):
+            raise ValueError(f"metric must be 'em' or 'f1', got {self.metric!r}")
+
+
+def _backend_tokenizer(tokenizer):
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise TypeError(f"a fast tokenizer (PreTrainedTokenizerFast) is required, got {type(tokenizer).__name__}")
+    return backend
+
+
+def eos_token_ids(tokenizer, extra: Sequence[int] = ()) -> frozenset[int]:
+    """Every id that ends an episode: the tokenizer's EOS plus any given (e.g. a generation config's)."""
+    ids = set(extra)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError("the tokenizer has no eos_token_id and none was given")
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id in ids:
+        raise ValueError(f"pad token id {tokenizer.pad_token_id} must differ from every EOS id {sorted(ids)}")
+    return frozenset(ids)
+
+
+@dataclass
+class Episode:
+    """One question's trajectory after the prompt: the policy's tokens and the env's `<info>` tokens.
+
+    Drive it with `push(token)` for each policy token. When a `</search>` closes, the state becomes
+    CALLING and `pending` holds the parsed call (or the reason it is invalid); the owner then calls
+    `resolve_calls([...], pool)` which makes the calls concurrently and inserts the replies. The
+    episode is DONE at `</answer>`, at an EOS token, or at `max_response_tokens` policy tokens.
+    """
+
+    question: str
+    golden_answers: list[str]
+    prompt_ids: list[int]
+    tokenizer: object
+    candidate_names: list[str]
+    cfg: EpisodeConfig
+    eos_ids: frozenset[int]
+    response_ids: list[int] = field(default_factory=list)
+    inserted: list[bool] = field(default_factory=list)  # per response token: True if the env wrote it
+    calls: list[CallRecord] = field(default_factory=list)
+    state: str = GENERATING
+    pending: Call | str | None = None  # the call to make, or why the search was not a valid call
+    turns: int = 0  # closed <search> blocks, valid or not
+    end_reason: str = ""
+    _pieces: list[str] = field(default_factory=list)
+    _scanner: TagScanner = field(default_factory=TagScanner)
+    _stream: DecodeStream = field(default_factory=lambda: DecodeStream(skip_special_tokens=False))
+
+    @property
+    def done(self) -> bool:
+        return self.state == DONE
+
+    @property
+    def policy_tokens(self) -> int:
+        return len(self.inserted) - sum(self.inserted)
+
+    @property
+    def text(self) -> str:
+        """The response text: what the scanner saw of the policy plus the exact inserted blocks."""
+        return "".join(self._pieces)
+
+    @property
+    def raw_cost(self) -> float:
+        return sum(c.cost for c in self.calls)
+
+    def push(self, token: int) -> str:
+        """Append one policy token and return the new state."""
+        if self.state != GENERATING:
+            raise RuntimeError(f"push() while the episode is {self.state}")
+        token = int(token)
+        self.response_ids.append(token)
+        self.inserted.append(False)
+        if token in self.eos_ids:
+            return self._end("eos")
+        piece = self._stream.step(_backend_tokenizer(self.tokenizer), token)
+        if piece:
+            self._pieces.append(piece)
+            for event in self._scanner.feed(piece):
+                if event.kind == "close" and event.tag == ANSWER:
+                    return self._end("answer")
+                if event.kind == "close" and event.tag == SEARCH:
+                    self.turns += 1
+                    self.state = CALLING
+                    self.pending = self._parse(event.content)
+                    break  # text after </search> in the same piece is kept but not scanned
+        if self.policy_tokens >= self.cfg.max_response_tokens:
+            self.pending = None
+            return self._end("limit")
+        return self.state
+
+    def push_many(self, tokens: Sequence[int]) -> int:
+        """Push tokens until the state leaves GENERATING; return how many were consumed."""
+        n = 0
+        for token in tokens:
+            if self.state != GENERATING:
+                break
+            self.push(token)
+            n += 1
+        return n
+
+    def _parse(self, content: str) -> Call | str:
+        if self.turns > self.cfg.max_turns:
+            return NO_CALLS_LEFT
+        try:
+            return parse_call(content, self.candidate_names)
+        except ValueError as e:
+            return f"invalid call: {e}"
+
+    def _end(self, reason: str) -> str:
+        self.state, self.end_reason = DONE, reason
+        return DONE
+
+    def insert_reply(self, record: CallRecord | None) -> list[int]:
+        """Insert `<info> reply </info>` for the pending search (the reply escaped and truncated;
+        a failed call inserts its error) and return the inserted token ids."""
+        if self.state != CALLING:
+            raise RuntimeError(f"insert_reply() while the episode is {self.state}")
+        if record is not None:
+            self.calls.append(record)
+            body = f"error: {record.error}" if record.error else record.reply
+        else:
+            body = str(self.pending)
+        text = f"\n{open_tag(INFO)} {self._truncate(escape_info(body).strip())} {close_tag(INFO)}\n"
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        backend = _backend_tokenizer(self.tokenizer)
+        for i in ids:  # keep the incremental decoder's context in step; the text is known exactly
+            self._stream.step(backend, i)
+        self.response_ids.extend(ids)
+        self.inserted.extend([True] * len(ids))
+        self._pieces.append(text)
+        self._scanner.reset()
+        self.state, self.pending = GENERATING, None
+        return ids
+
+    def _truncate(self, body: str) -> str:
+        ids = self.tokenizer.encode(body, add_special_tokens=False)
+        if len(ids) <= self.cfg.max_info_tokens:
+            return body
+        # cut at a token boundary, dropping a split multi-byte character
+        return self.tokenizer.decode(ids[: self.cfg.max_info_tokens]).rstrip("\ufffd").rstrip() + " ..."
+
+    def score(self, cost_normalizer: CostNormalizer | None = None,
+              reward_fn: RewardFn = compute_reward) -> RewardBreakdown:
+        """The episode's reward (pure: the normalizer is only read)."""
+        if not self.done:
+            raise RuntimeError("score() before the episode ended")
+        return reward_fn(self.text, self.golden_answers, self.candidate_names, self.raw_cost,
+                         self.cfg.alpha, self.cfg.metric, cost_normalizer)
+
+    def summary(self, reward: RewardBreakdown) -> dict:
+        """What `info` carries at the end of an episode."""
+        return {
+            "trajectory": self.text,
+            "calls": [c.as_dict() for c in self.calls],
+            "raw_cost": self.raw_cost,
+            "full_cost": sum(c.full_cost for c in self.calls),
+            "reward": asdict(reward),
+            "turns": self.turns,
+            "n_calls": len(self.calls),
+            "end_reason": self.end_reason,
+            "limit_reached": self.end_reason == "limit",
+            "response_tokens": len(self.response_ids),
+            "policy_tokens": self.policy_tokens,
+        }
+
+
+def resolve_calls(episodes: Sequence[Episode], pool: CandidatePool) -> list[list[int]]:
+    """Make the pending calls of every CALLING episode concurrently and insert the replies.
+
+    Returns, per episode, the inserted ids (empty for episodes that were not calling). Invalid or
+    over-limit searches insert their message with no call; failed calls insert their error.
+    """
+    calling = [e for e in episodes if e.state == CALLING]
+    valid = [e for e in calling if isinstance(e.pending, Call)]
+    records = pool.call_many([(e.pending.name, e.pending.query, e.question) for e in valid])
+    by_episode = {id(e): r for e, r in zip(valid, records)}
+    inserted = {id(e): e.insert_reply(by_episode.get(id(e))) for e in calling}
+    return [inserted.get(id(e), []) for e in episodes]

@@ -1,0 +1,73 @@
+"""The policy's prompt: the rules, a block describing each candidate (generated from the specs) and
+the question, rendered with the tokenizer's chat template when it has one."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from envs.candidates.spec import CandidateSpec
+
+# Our wording of the Router-R1 instructions (one user message, as in the paper).
+ROUTER_R1_TEMPLATE = """\
+Answer the question below. Think step by step inside <think> and </think> every time you receive \
+new information. When you need help, ask one of the candidate models a sub-question by writing \
+<search> Model-Name: sub-question </search>; its reply comes back between <info> and </info>. \
+You may ask up to {max_turns} times, choosing each time the model that suits the sub-question, and \
+keep in mind that each call costs money. When you are ready, give the final answer, as short as \
+possible (a few words, no explanation), inside <answer> and </answer>.
+
+Candidate models:
+{candidates}
+
+Question: {question}
+"""
+
+# A short form for tiny models trained from scratch (RouteWorld): same rules, fewer tokens.
+COMPACT_TEMPLATE = """\
+Candidates:
+{candidates}
+Question: {question}
+"""
+
+TEMPLATES = {"router_r1": ROUTER_R1_TEMPLATE, "compact": COMPACT_TEMPLATE}
+
+
+def candidate_block(specs: Sequence[CandidateSpec], compact: bool = False) -> str:
+    """One line per candidate: name, size, output price per 1M tokens and description."""
+    lines = []
+    for s in specs:
+        size = f"{s.params_b:g}B"
+        price = f"${s.price_per_1m_output:g}/M"
+        if compact:
+            lines.append(f"{s.name} {size} {price} {s.description}".rstrip())
+        else:
+            desc = f": {s.description}" if s.description else ""
+            lines.append(f"- {s.name} ({size} parameters, {price} output tokens){desc}")
+    return "\n".join(lines)
+
+
+def build_prompt(question: str, specs: Sequence[CandidateSpec], template: str = "router_r1",
+                 max_turns: int = 4) -> str:
+    """The user message: `template` is a name in TEMPLATES or a format string with {candidates},
+    {question} and optionally {max_turns}."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"question must be a non-empty string, got {question!r}")
+    fmt = TEMPLATES.get(template, template)
+    if "{question}" not in fmt or "{candidates}" not in fmt:
+        raise ValueError(f"prompt template {template!r} must be a known name {sorted(TEMPLATES)} "
+                         "or a format string with {candidates} and {question}")
+    return fmt.format(candidates=candidate_block(specs, compact=template == "compact"),
+                      question=question.strip(), max_turns=max_turns)
+
+
+def prompt_token_ids(tokenizer, user_message: str) -> list[int]:
+    """Token ids of the prompt. With a chat template: one user message and the generation prompt,
+    so the whole trajectory (`<info>` blocks included) stays inside the assistant turn. Without one:
+    the message text itself."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": user_message}],
+                                            add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return tokenizer.encode(user_message, add_special_tokens=False)

@@ -1,0 +1,64 @@
+"""MultiRouteVectorEnv: B episodes advanced by chunks of policy tokens, candidate calls made
+concurrently. It is the batched face of the same episode state machine as MultiRouteEnv."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from envs.candidates.pool import CandidatePool
+from envs.env import make_episode
+from envs.episode import DONE, Episode, EpisodeConfig, RewardFn, eos_token_ids, resolve_calls
+from rewards import RewardBreakdown, compute_reward
+from rewards.cost import CostNormalizer
+
+
+@dataclass
+class ChunkResult:
+    """What one episode did with its chunk: how many of the tokens it consumed (it stops at the
+    first closing `</search>`/`</answer>`, EOS or limit), the ids the env inserted, and whether it ended."""
+
+    consumed: int
+    inserted_ids: list[int]
+    done: bool
+
+
+class MultiRouteVectorEnv:
+    """Runs a fixed list of episodes (one rollout phase) until all of them end.
+
+    Not a `gymnasium.vector.VectorEnv`: episodes advance by variable-length chunks (the rollout
+    engine generates until a stop tag, then hands over), and there is no autoreset. Rewards are
+    computed by `finish`, after the caller has updated the cost normalizer with the whole batch.
+    """
+
+    def __init__(self, tokenizer, pool: CandidatePool, config: EpisodeConfig | None = None,
+                 reward_fn: RewardFn = compute_reward, extra_eos_ids: Sequence[int] = ()):
+        self.tokenizer, self.pool = tokenizer, pool
+        self.cfg = config or EpisodeConfig()
+        self.reward_fn = reward_fn
+        self.eos_ids = eos_token_ids(tokenizer, extra_eos_ids)
+        self.episodes: list[Episode] = []
+
+    def reset(self, examples: Sequence[Any]) -> list[list[int]]:
+        """Start one episode per example; return their prompt ids."""
+        self.episodes = [make_episode(x, self.tokenizer, self.pool, self.cfg, self.eos_ids) for x in examples]
+        return [e.prompt_ids for e in self.episodes]
+
+    @property
+    def active(self) -> list[int]:
+        return [i for i, e in enumerate(self.episodes) if not e.done]
+
+    def step_chunks(self, chunks: dict[int, Sequence[int]]) -> dict[int, ChunkResult]:
+        """Feed each listed episode its chunk of sampled tokens, then make all resulting calls at once."""
+        consumed = {i: self.episodes[i].push_many(chunk) for i, chunk in chunks.items()}
+        inserted = resolve_calls([self.episodes[i] for i in chunks], self.pool)
+        return {i: ChunkResult(consumed[i], ids, self.episodes[i].state == DONE)
+                for i, ids in zip(chunks, inserted)}
+
+    def finish(self, cost_normalizer: CostNormalizer | None = None) -> list[tuple[RewardBreakdown, dict]]:
+        """Score every episode (all must have ended) with the given, already-updated normalizer."""
+        out = []
+        for e in self.episodes:
+            reward = e.score(cost_normalizer, self.reward_fn)
+            out.append((reward, e.summary(reward)))
+        return out

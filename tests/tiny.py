@@ -1,0 +1,40 @@
+"""Tiny, fully local building blocks for tests: a byte-level BPE tokenizer and a random Qwen2 model."""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from envs.tags import TAGS
+
+CORPUS = [
+    "<think> I should ask the geography expert. </think>",
+    "<search> Geo-Expert: In which country is Korvan? </search>",
+    "<info> Korvan is in Tessaly. </info>",
+    "<answer> Tessaly </answer>",
+    "Answer the question below. Candidate models: Question: Where is Paris? The answer is France.",
+    "Qwen2.5-7B-Instruct LLaMA-3.1-70B-Instruct error: timeout unknown candidate no calls remain",
+    "émoji 🙂 and 北京 are unicode; colons: a: b: c. 0123456789",
+]
+
+
+def tiny_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on a few lines: any text round-trips; pad and eos are distinct."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|pad|>", "<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|endoftext|>")
+
+
+def tiny_tag_tokenizer() -> PreTrainedTokenizerFast:
+    """Like `tiny_tokenizer` but every tag is one token (as in the RouteWorld tokenizer)."""
+    tok = tiny_tokenizer()
+    tok.add_tokens([f"<{t}>" for t in TAGS] + [f"</{t}>" for t in TAGS])
+    return tok
+
+
+def encode(tok, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False)
