@@ -8,8 +8,9 @@ any number of them between two policy tokens leaves the policy tokens' advantage
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -52,7 +53,7 @@ class AdvantageConfig:
             raise ValueError(f"AdvantageConfig.eps must be > 0, got eps={self.eps!r}")
         for name in ("whiten", "grpo_norm_std"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"AdvantageConfig.{name} must be a bool, got {name}={getattr(self, name)!r}")
+                raise TypeError(f"AdvantageConfig.{name} must be a bool, got {name}={getattr(self, name)!r}")
 
 
 EstimatorFn = Callable[[AdvantageInput, AdvantageConfig], tuple[Tensor, Tensor]]
@@ -61,8 +62,8 @@ EstimatorFn = Callable[[AdvantageInput, AdvantageConfig], tuple[Tensor, Tensor]]
 @dataclass(frozen=True)
 class AdvantageEstimator:
     """A registered estimator. `needs_critic`: the trainer builds a critic and fills `values`.
-    `outcome_only`: reads only each sequence's summed reward, so per-token rewards (a KL penalty in
-    the reward) have no effect on it."""
+    `outcome_only`: reads only each sequence's summed reward, so a per-token reward term (a KL
+    penalty in the reward) loses its token placement and is folded into one score per sequence."""
 
     name: str
     fn: EstimatorFn

@@ -7,6 +7,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -14,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Protocol, Sequence
 
-import datasets
 import numpy as np
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,9 @@ def _is_local(path: str) -> bool:
     return Path(path).suffix.lower() in _FORMATS or Path(path).exists()
 
 
-def _open_source(cfg: QADataConfig) -> tuple[datasets.Dataset, str]:
+def _open_source(cfg: QADataConfig):
     """The rows as a `datasets.Dataset`, and a name for messages (the file path or the hub id)."""
+    import datasets  # here, not at the top: it takes a second to import, and QAExample users skip it
     if _is_local(cfg.path):
         path = Path(cfg.path)
         fmt = _FORMATS.get(path.suffix.lower())
@@ -101,7 +102,7 @@ def _open_source(cfg: QADataConfig) -> tuple[datasets.Dataset, str]:
 
 
 def _text(value: object, column: str) -> str:
-    if value is None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):  # csv readers give NaN
         raise _BadRow(column, "is missing")
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise _BadRow(column, f"is a {type(value).__name__}, expected text")
@@ -225,6 +226,7 @@ class HubSource:
     name: str
 
     def splits(self, subset: str) -> list[str]:
+        import datasets
         return list(datasets.get_dataset_split_names(self.name, subset))
 
     def load(self, subset: str, split: str) -> list[QAExample]:
@@ -256,10 +258,11 @@ def _subset_rng(seed: int, subset: str) -> np.random.Generator:
     return np.random.default_rng([seed, key])
 
 
-def _with_question_mark(ex: QAExample) -> QAExample:
-    # Router-R1's preparation ends every question with "?"; we do the same so prompts match.
+def _prepared(ex: QAExample, subset: str) -> QAExample:
+    """The row as written: ids prefixed by the subset (FlashRAG ids like "train_0" repeat across
+    subsets), and the question ending in "?" as Router-R1's preparation makes it."""
     q = ex.question if ex.question.endswith("?") else ex.question + "?"
-    return QAExample(q, ex.golden_answers, ex.id, ex.dataset)
+    return QAExample(q, ex.golden_answers, f"{subset}/{ex.id}", subset)
 
 
 def sample_subset(examples: Sequence[QAExample], n: int | None, rng: np.random.Generator) -> list[QAExample]:
@@ -285,7 +288,7 @@ def prepare_splits(
         if "train" not in source.splits(subset):
             raise ValueError(f"{source}: subset {subset!r} has no 'train' split")
         rows = sample_subset(source.load(subset, "train"), n_train, _subset_rng(seed, f"train/{subset}"))
-        train += [_with_question_mark(ex) for ex in rows]
+        train += [_prepared(ex, subset) for ex in rows]
     test: list[QAExample] = []
     for subset in test_subsets:
         have = source.splits(subset)
@@ -293,7 +296,7 @@ def prepare_splits(
         if split is None:
             raise ValueError(f"{source}: subset {subset!r} has none of the splits {TEST_SPLITS}; it has {have}")
         rows = sample_subset(source.load(subset, split), n_test, _subset_rng(seed, f"test/{subset}"))
-        test += [_with_question_mark(ex) for ex in rows]
+        test += [_prepared(ex, subset) for ex in rows]
     return train, test
 
 
