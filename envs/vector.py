@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from envs.candidates.pool import CandidatePool
 from envs.env import make_episode
-from envs.episode import DONE, Episode, EpisodeConfig, RewardFn, eos_token_ids, resolve_calls
+from envs.episode import CALLING, DONE, Episode, EpisodeConfig, RewardFn, eos_token_ids, resolve_calls
 from rewards import RewardBreakdown, compute_reward
 from rewards.cost import CostNormalizer
 
@@ -48,12 +48,21 @@ class MultiRouteVectorEnv:
     def active(self) -> list[int]:
         return [i for i, e in enumerate(self.episodes) if not e.done]
 
+    def push(self, i: int, token: int) -> str:
+        """Append one policy token to episode i; returns its state (generating, calling or done)."""
+        return self.episodes[i].push(token)
+
+    def resolve(self) -> dict[int, list[int]]:
+        """Make the pending calls of all calling episodes concurrently; return inserted ids by episode."""
+        calling = [i for i, e in enumerate(self.episodes) if e.state == CALLING]
+        inserted = resolve_calls([self.episodes[i] for i in calling], self.pool)
+        return dict(zip(calling, inserted))
+
     def step_chunks(self, chunks: dict[int, Sequence[int]]) -> dict[int, ChunkResult]:
         """Feed each listed episode its chunk of sampled tokens, then make all resulting calls at once."""
         consumed = {i: self.episodes[i].push_many(chunk) for i, chunk in chunks.items()}
-        inserted = resolve_calls([self.episodes[i] for i in chunks], self.pool)
-        return {i: ChunkResult(consumed[i], ids, self.episodes[i].state == DONE)
-                for i, ids in zip(chunks, inserted)}
+        inserted = self.resolve()
+        return {i: ChunkResult(consumed[i], inserted.get(i, []), self.episodes[i].state == DONE) for i in chunks}
 
     def finish(self, cost_normalizer: CostNormalizer | None = None) -> list[tuple[RewardBreakdown, dict]]:
         """Score every episode (all must have ended) with the given, already-updated normalizer."""

@@ -1,0 +1,106 @@
+"""RolloutBatch: finished episodes as token-aligned (B, T) tensors, and its micro-batches."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from envs.episode import Episode
+
+
+@dataclass
+class RolloutBatch:
+    """Per-token tensors are (B, T), right-padded, aligned with `input_ids`: `action_mask` is 1 only
+    where the policy generated the token (0 on prompt, padding and env-inserted `<info>` tokens).
+    Per-episode tensors are (B,)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    action_mask: torch.Tensor
+    token_rewards: torch.Tensor  # outcome reward on the last action token (+ KL penalty if in reward)
+    sampler_logprobs: torch.Tensor  # what the sampler saw; only compared with old_logprobs
+    group_ids: torch.Tensor
+    scores: torch.Tensor  # the episode's total reward
+    raw_cost: torch.Tensor
+    turns: torch.Tensor
+    calls: torch.Tensor
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def map(self, fn) -> "RolloutBatch":
+        return RolloutBatch(**{f.name: (fn(v) if v is not None else None)
+                               for f in dataclasses.fields(self) for v in [getattr(self, f.name)]})
+
+    def to(self, device) -> "RolloutBatch":
+        return self.map(lambda t: t.to(device))
+
+    def select(self, rows: torch.Tensor) -> "RolloutBatch":
+        """Rows `rows`, with trailing all-padding columns trimmed."""
+        sub = self.map(lambda t: t[rows])
+        width = int(sub.attention_mask.sum(1).max())
+        return sub.map(lambda t: t[:, :width] if t.dim() == 2 else t)
+
+    def save(self, path: str | Path) -> None:
+        tmp = Path(str(path) + ".tmp")
+        torch.save({k: v for k, v in dataclasses.asdict(self).items()}, tmp)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RolloutBatch":
+        return cls(**torch.load(path, weights_only=True))
+
+
+def build_batch(episodes: Sequence[Episode], scores: Sequence[float], group_ids: Sequence[int],
+                sampler_logprobs: Sequence[Sequence[float]], pad_id: int) -> RolloutBatch:
+    """Stack finished episodes: prompt + response ids, masks, and the outcome reward placed on the
+    last action token (an episode without action tokens cannot carry a reward: an error)."""
+    B = len(episodes)
+    T = max(len(e.prompt_ids) + len(e.response_ids) for e in episodes)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(B, T, dtype=torch.long)
+    action_mask = torch.zeros(B, T)
+    token_rewards = torch.zeros(B, T)
+    sampler = torch.zeros(B, T)
+    for b, e in enumerate(episodes):
+        n_prompt, ids = len(e.prompt_ids), e.prompt_ids + e.response_ids
+        input_ids[b, :len(ids)] = torch.tensor(ids)
+        attention_mask[b, :len(ids)] = 1
+        acts = [n_prompt + t for t, ins in enumerate(e.inserted) if not ins]
+        if not acts:
+            raise ValueError(f"episode {b} has no policy token to carry its reward")
+        action_mask[b, acts] = 1.0
+        sampler[b, acts] = torch.tensor(list(sampler_logprobs[b]), dtype=torch.float)
+        token_rewards[b, acts[-1]] = float(scores[b])
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    return RolloutBatch(
+        input_ids, attention_mask, position_ids, action_mask, token_rewards, sampler,
+        group_ids=torch.as_tensor(list(group_ids), dtype=torch.long),
+        scores=torch.tensor([float(s) for s in scores]),
+        raw_cost=torch.tensor([e.raw_cost for e in episodes]),
+        turns=torch.tensor([e.turns for e in episodes]),
+        calls=torch.tensor([len(e.calls) for e in episodes]),
+    )
+
+
+def micro_batches(batch: RolloutBatch, token_budget: int) -> list[RolloutBatch]:
+    """Split rows (in order) into micro-batches of at most `token_budget` padded tokens each."""
+    lengths = batch.attention_mask.sum(1).tolist()
+    out, start, width = [], 0, 0
+    for i, n in enumerate(lengths):
+        if i > start and max(width, n) * (i - start + 1) > token_budget:
+            out.append(batch.select(torch.arange(start, i)))
+            start, width = i, 0
+        width = max(width, n)
+    out.append(batch.select(torch.arange(start, len(lengths))))
+    return out

@@ -1,0 +1,289 @@
+"""Typed training configuration: dataclasses filled from YAML, `dotted.key=value` overrides, and
+validation of every key, type and range before any model is loaded."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from agents.advantages import get_advantage
+from agents.losses import LOSS_AGG_MODES, validate_kl_placement
+from envs.episode import EpisodeConfig
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str | None = None  # a pretrained causal LM (folder or hub id); None: random init
+    init: dict = field(default_factory=dict)  # Qwen2Config fields for a randomly initialised model
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    attn_implementation: str = "auto"  # auto: flash_attention_2 when importable on GPU, else sdpa
+    gradient_checkpointing: bool = False
+    critic_init: str = "actor"  # actor: critic trunk starts from the policy's weights (the paper)
+
+    def __post_init__(self):
+        _one_of("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        _one_of("model.attn_implementation", self.attn_implementation, ("auto", "sdpa", "eager", "flash_attention_2"))
+        _one_of("model.critic_init", self.critic_init, ("actor", "random"))
+
+
+@dataclass
+class TaskConfig:
+    name: str = "routeworld"  # routeworld | qa
+    world: dict = field(default_factory=dict)  # RouteWorld WorldConfig overrides
+    train_path: str | None = None  # qa: local jsonl/parquet/csv (FlashRAG columns)
+    test_path: str | None = None
+    pool: str | None = None  # qa: candidate pool YAML under configs/candidates/
+    n_test: int = 200  # held-out questions evaluated
+
+    def __post_init__(self):
+        _one_of("task.name", self.name, ("routeworld", "qa"))
+        if self.name == "qa" and not (self.train_path and self.pool):
+            raise ValueError("task.name=qa needs task.train_path and task.pool")
+        _positive("task.n_test", self.n_test)
+
+
+@dataclass
+class RolloutConfig:
+    n_prompts: int = 64  # questions per step (global, across ranks)
+    n_per_prompt: int = 1  # rollouts per question (GRPO/RLOO groups)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    micro_batch_tokens: int = 16384  # token budget of a forward/backward micro-batch
+
+    def __post_init__(self):
+        _positive("rollout.n_prompts", self.n_prompts)
+        _positive("rollout.n_per_prompt", self.n_per_prompt)
+        _in_range("rollout.temperature", self.temperature, 0.0, 10.0)
+        _in_range("rollout.top_p", self.top_p, 1e-6, 1.0)
+        _positive("rollout.micro_batch_tokens", self.micro_batch_tokens)
+
+
+@dataclass
+class KLConfig:
+    placement: str = "reward"  # reward (per-token penalty, PPO) | loss (GRPO) | none
+    estimator: str = "k1"  # k1 | k2 | k3
+    coef: float = 0.001
+    adaptive: bool = False  # Ziegler et al. (2019) adaptive coefficient
+    target: float = 6.0
+    horizon: int = 10000
+
+    def __post_init__(self):
+        _in_range("algorithm.kl.coef", self.coef, 0.0, 1e3)
+
+
+@dataclass
+class AlgorithmConfig:
+    advantage: str = "gae"  # any name registered in agents.advantages
+    gamma: float = 1.0
+    lam: float = 1.0
+    whiten: bool = True
+    grpo_norm_std: bool = True  # False: Dr.GRPO
+    kl: KLConfig = field(default_factory=KLConfig)
+    clip_eps: float = 0.2
+    dual_clip: float | None = None
+    value_clip: float | None = 0.5
+    vf_coef: float = 1.0
+    entropy_coef: float = 0.001
+    loss_agg: str = "token-mean"
+    ppo_epochs: int = 1
+    minibatch_size: int = 32  # episodes per optimizer step (global)
+    critic_warmup_steps: int = 0  # steps that train only the critic
+
+    def __post_init__(self):
+        get_advantage(self.advantage)  # unknown name: error listing the registered ones
+        _in_range("algorithm.gamma", self.gamma, 0.0, 1.0)
+        _in_range("algorithm.lam", self.lam, 0.0, 1.0)
+        _in_range("algorithm.clip_eps", self.clip_eps, 0.0, 1.0)
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ValueError(f"algorithm.dual_clip must be > 1 (or null), got {self.dual_clip}")
+        _one_of("algorithm.loss_agg", self.loss_agg, LOSS_AGG_MODES)
+        _positive("algorithm.ppo_epochs", self.ppo_epochs)
+        _positive("algorithm.minibatch_size", self.minibatch_size)
+        validate_kl_placement(self.kl.placement, self.kl.estimator, self.advantage)
+
+
+@dataclass
+class OptimConfig:
+    actor_lr: float = 1e-6
+    critic_lr: float = 1e-5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+
+    def __post_init__(self):
+        _in_range("optim.actor_lr", self.actor_lr, 0.0, 1.0)
+        _in_range("optim.critic_lr", self.critic_lr, 0.0, 1.0)
+
+
+@dataclass
+class SFTConfig:
+    enabled: bool = False  # supervised warm start on scripted trajectories before RL
+    source: str = "scripted"  # scripted (the task's random-routing script) | a jsonl of trajectories
+    n_examples: int = 2000
+    epochs: int = 2
+    lr: float = 1e-3
+    batch_size: int = 32
+
+    def __post_init__(self):
+        _positive("sft.n_examples", self.n_examples)
+        _positive("sft.epochs", self.epochs)
+
+
+@dataclass
+class CostConfig:
+    normalizer: str = "router_r1"  # router_r1 | budget | none (rewards.make_cost_normalizer)
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    run_dir: str = "runs/default"
+    total_steps: int = 100
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    episode: EpisodeConfig = field(default_factory=EpisodeConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
+    reward_fn: str | None = None  # "module:function" with rewards.compute_reward's signature
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval_every: int = 10  # steps between held-out evaluations (0: only at the end)
+    save_every: int = 10  # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    n_samples_logged: int = 2  # sample trajectories written per logging step
+    wandb: bool = False
+    deepspeed: str | None = None  # zero2 | zero3 | zero3_offload (configs/deepspeed/<name>.json)
+    device: str = "auto"  # auto | cpu | cuda
+
+    def __post_init__(self):
+        _positive("total_steps", self.total_steps)
+        if self.algorithm.advantage in ("grpo", "rloo") and self.rollout.n_per_prompt < 2:
+            raise ValueError(f"algorithm.advantage={self.algorithm.advantage} needs rollout.n_per_prompt >= 2, "
+                             f"got {self.rollout.n_per_prompt}")
+        if (self.rollout.n_prompts * self.rollout.n_per_prompt) % self.algorithm.minibatch_size:
+            raise ValueError(f"rollout.n_prompts * rollout.n_per_prompt = "
+                             f"{self.rollout.n_prompts * self.rollout.n_per_prompt} episodes must be a multiple "
+                             f"of algorithm.minibatch_size={self.algorithm.minibatch_size}")
+        if self.deepspeed is not None:
+            _one_of("deepspeed", self.deepspeed, ("zero2", "zero3", "zero3_offload"))
+        _one_of("device", self.device, ("auto", "cpu", "cuda"))
+
+
+# ---------------------------------------------------------------- loading
+
+def _one_of(key: str, value: Any, allowed: Sequence) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _positive(key: str, value: int) -> None:
+    if value < 1:
+        raise ValueError(f"{key} must be >= 1, got {value}")
+
+
+def _in_range(key: str, value: float, lo: float, hi: float) -> None:
+    if not lo <= value <= hi:
+        raise ValueError(f"{key}={value} is out of range; allowed: [{lo}, {hi}]")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against the type hint `hint`, building nested dataclasses from mappings."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(key, value, option)
+            except (TypeError, ValueError):
+                pass
+        raise TypeError(f"{key}={value!r} should be {hint}")
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise TypeError(f"{key} should be a mapping of {hint.__name__} fields, got {value!r}")
+        return from_dict(hint, value, prefix=key + ".")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    base = origin or hint
+    if base is typing.Any:
+        return value
+    if base is bool and not isinstance(value, bool):
+        raise TypeError(f"{key}={value!r} should be true or false")
+    if base in (int, float) and isinstance(value, bool):
+        raise TypeError(f"{key}={value!r} should be a number")
+    if not isinstance(value, base):
+        raise TypeError(f"{key}={value!r} should be of type {getattr(base, '__name__', base)}")
+    return value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass `cls` from `data`; unknown keys and wrong types are errors naming the key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {[prefix + k for k in unknown]}; "
+                         f"allowed under '{prefix or '<top>'}': {sorted(names)}")
+    kwargs = {k: _coerce(prefix + k, v, hints[k]) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{e}") from None
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply `a.b.c=value` to a nested dict; the value is parsed as YAML (so 1e-6, true, null work)."""
+    if "=" not in override:
+        raise ValueError(f"override {override!r} must look like dotted.key=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {override!r}: {p!r} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read YAML (if given), apply overrides, validate everything."""
+    data: dict = {}
+    if path is not None:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the top level must be a mapping")
+    for o in overrides:
+        apply_override(data, o)
+    try:
+        return from_dict(TrainConfig, data)
+    except (TypeError, ValueError) as e:
+        where = f"{path}: " if path else ""
+        raise ValueError(f"{where}{e}") from None
+
+
+SECRET_HINTS = ("key", "token", "secret", "password")
+
+
+def redacted(cfg: TrainConfig) -> dict:
+    """The config as a dict with any secret-looking value replaced (names of env vars are kept)."""
+    def walk(x):
+        if isinstance(x, dict):
+            return {k: ("<redacted>" if any(h in k.lower() for h in SECRET_HINTS) and not k.endswith("_env")
+                        and isinstance(v, str) else walk(v)) for k, v in x.items()}
+        if isinstance(x, list):
+            return [walk(v) for v in x]
+        return x
+    return walk(dataclasses.asdict(cfg))

@@ -1,0 +1,123 @@
+"""The actor (a transformers causal LM), the critic (its trunk plus a scalar value head) and the
+frozen reference model, with memory-lean per-token log-probabilities and entropies."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, Qwen2Config
+
+from agents.config import ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def attn_implementation(requested: str, device: torch.device) -> str:
+    """flash_attention_2 when asked for (or `auto`) on a GPU where flash-attn imports; else SDPA."""
+    has_flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    if requested == "auto":
+        return "flash_attention_2" if has_flash else "sdpa"
+    if requested == "flash_attention_2" and not has_flash:
+        return "sdpa"
+    return requested
+
+
+def build_actor(cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: int, device: torch.device) -> nn.Module:
+    """Load `cfg.name_or_path`, or build a random Qwen2-shaped model from `cfg.init` fields."""
+    attn = attn_implementation(cfg.attn_implementation, device)
+    dtype = DTYPES[cfg.dtype]
+    if cfg.name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, attn_implementation=attn)
+    else:
+        shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     intermediate_size=256, max_position_embeddings=2048, tie_word_embeddings=True)
+        shape.update(cfg.init)
+        config = Qwen2Config(vocab_size=vocab_size, pad_token_id=pad_id, eos_token_id=eos_id,
+                             bos_token_id=eos_id, **shape)
+        config._attn_implementation = attn
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    if model.get_input_embeddings().num_embeddings < vocab_size:
+        model.resize_token_embeddings(vocab_size)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model.to(device)
+
+
+class Critic(nn.Module):
+    """V(s_t): the causal LM's transformer trunk (no LM head) and a zero-initialised scalar head."""
+
+    def __init__(self, config, trunk: nn.Module | None = None):
+        super().__init__()
+        self.config = config
+        self.trunk = trunk if trunk is not None else AutoModel.from_config(config)
+        self.value_head = nn.Linear(config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask, position_ids=None) -> torch.Tensor:
+        hidden = self.trunk(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=position_ids, use_cache=False).last_hidden_state
+        return self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+
+
+def build_critic(actor: nn.Module, init: str = "actor") -> Critic:
+    """The critic's trunk is a copy of the actor's (the paper) or randomly initialised."""
+    trunk = copy.deepcopy(actor.get_decoder()) if init == "actor" else None
+    critic = Critic(actor.config, trunk)
+    return critic.to(next(actor.parameters()).device, dtype=next(actor.parameters()).dtype)
+
+
+def build_reference(actor: nn.Module) -> nn.Module:
+    """A frozen copy of the actor used for the KL term."""
+    ref = copy.deepcopy(actor).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def logprobs_and_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, chunk: int = 1024,
+    with_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log softmax(logits / T)[label] and the entropy of that distribution, per position.
+
+    logits (B, T, V), labels (B, T). Computed over chunks of rows in float32 so that a full
+    (tokens x vocab) float32 tensor is never materialised at once.
+    """
+    B, T, V = logits.shape
+    flat, flat_labels = logits.reshape(B * T, V), labels.reshape(B * T)
+    logps, ents = [], []
+    for start in range(0, B * T, chunk):
+        rows = flat[start:start + chunk].float()
+        if temperature != 1.0:
+            rows = rows / temperature
+        logz = torch.logsumexp(rows, dim=-1)
+        logps.append(rows.gather(-1, flat_labels[start:start + chunk, None]).squeeze(-1) - logz)
+        if with_entropy:
+            p = torch.softmax(rows, dim=-1)
+            ents.append(logz - (p * rows).sum(-1))  # H = log Z - E_p[logit]
+    logp = torch.cat(logps).view(B, T)
+    return logp, (torch.cat(ents).view(B, T) if with_entropy else None)
+
+
+def sequence_logprobs(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+    temperature: float = 1.0, with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log p(x_t | x_<t), (B, T) aligned with `input_ids` (position 0 is 0)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False).logits
+    logp, ent = logprobs_and_entropy(logits[:, :-1], input_ids[:, 1:], temperature, with_entropy=with_entropy)
+    pad = torch.zeros_like(logp[:, :1])
+    return torch.cat([pad, logp], 1), (torch.cat([pad, ent], 1) if ent is not None else None)
+
+
+def sequence_values(critic: Critic, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    """V of the state before each token, (B, T) aligned with `input_ids` (position 0 is 0)."""
+    values = critic(input_ids, attention_mask, position_ids)
+    return torch.cat([torch.zeros_like(values[:, :1]), values[:, :-1]], 1)
+

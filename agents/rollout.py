@@ -1,0 +1,104 @@
+"""The rollout engine: batched sampling with a KV cache until each episode stops at a tag, then the
+env's concurrent candidate calls, then the next segment, until every episode of the phase ends."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from envs.episode import GENERATING
+from envs.vector import MultiRouteVectorEnv
+
+
+def episode_generator(seed: int, step: int, index: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """The sampling stream of one episode, keyed by (seed, step, episode index): results do not
+    depend on batch layout or on which rank runs the episode."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{index}".encode(), digest_size=8).digest()
+    g = torch.Generator(device=device)
+    g.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return g
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float,
+                 generator: torch.Generator) -> tuple[int, float]:
+    """Sample from softmax(logits / T) restricted to the top-p nucleus (exact); T = 0 is greedy.
+    Returns the token and its log-probability under the distribution actually sampled from."""
+    logits = logits.float()
+    if temperature == 0:
+        token = int(logits.argmax())
+        return token, float(torch.log_softmax(logits, -1)[token])
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = (sorted_p.cumsum(0) - sorted_p) < top_p  # the token that crosses top_p is kept
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        probs = probs / probs.sum()
+    token = int(torch.multinomial(probs, 1, generator=generator))
+    return token, float(probs[token].log())
+
+
+@dataclass
+class RolloutStats:
+    generated_tokens: int = 0
+    segments: int = 0
+
+
+def _left_pad(contexts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(c) for c in contexts)
+    ids = torch.full((len(contexts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(contexts), width, dtype=torch.long)
+    for i, c in enumerate(contexts):
+        ids[i, width - len(c):] = torch.tensor(c)
+        mask[i, width - len(c):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def run_rollouts(model, env: MultiRouteVectorEnv, examples: list, temperature: float, top_p: float,
+                 seed: int, step: int, pad_id: int, index_offset: int = 0) -> tuple[list[list[float]], RolloutStats]:
+    """Play one rollout phase: every example's episode, all with the same weights, until all end.
+
+    Each segment left-pads the contexts of the running episodes, prefills them once, and decodes
+    token by token with the KV cache; an episode leaves the segment when it closes `</search>` or
+    `</answer>`, samples EOS, or hits its token limit. Then all pending calls are made concurrently
+    and the replies inserted. Returns the sampler's log-prob of every policy token, per episode.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    env.reset(examples)
+    gens = [episode_generator(seed, step, index_offset + i) for i in range(len(examples))]
+    logps: list[list[float]] = [[] for _ in examples]
+    stats = RolloutStats()
+    while env.active:
+        rows = env.active
+        ids, mask = _left_pad([env.episodes[i].prompt_ids + env.episodes[i].response_ids for i in rows], pad_id, device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        past, last = out.past_key_values, out.logits[:, -1]
+        running = torch.ones(len(rows), dtype=torch.bool)
+        next_pos = positions[:, -1] + 1
+        stats.segments += 1
+        while True:
+            next_ids = torch.full((len(rows),), pad_id, dtype=torch.long)
+            for r, i in enumerate(rows):
+                if not running[r]:
+                    continue
+                token, logp = sample_token(last[r], temperature, top_p, gens[i])
+                logps[i].append(logp)
+                next_ids[r] = token
+                stats.generated_tokens += 1
+                if env.push(i, token) != GENERATING:
+                    running[r] = False
+            if not running.any():
+                break
+            mask = torch.cat([mask, running.long().to(device)[:, None]], 1)
+            out = model(input_ids=next_ids.to(device)[:, None], attention_mask=mask,
+                        position_ids=next_pos[:, None], past_key_values=past, use_cache=True)
+            past, last = out.past_key_values, out.logits[:, -1]
+            next_pos = next_pos + 1
+        env.resolve()
+    model.train(was_training)
+    return logps, stats

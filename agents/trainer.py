@@ -1,0 +1,421 @@
+"""The RL trainer, top to bottom: rollout, rewards, KL, advantages, PPO-style update epochs, logging,
+evaluation and checkpoints. The algorithm is a config choice; nothing here branches on its name."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+
+from agents.advantages import AdvantageConfig, AdvantageInput, get_advantage, grpo_group_ids, repeat_for_group
+from agents.batch import RolloutBatch, build_batch, micro_batches
+from agents.config import TrainConfig, redacted
+from agents.distributed import Dist, PlainEngine
+from agents.kl import AdaptiveKLController, FixedKLController, kl_estimate
+from agents.losses import agg_loss, kl_loss, policy_loss, step_denominator, value_loss
+from agents.policy import build_critic, build_reference, sequence_logprobs, sequence_values
+from agents.rollout import run_rollouts
+from envs.vector import MultiRouteVectorEnv
+from rewards import compute_reward, make_cost_normalizer
+
+log = logging.getLogger("routerl")
+
+
+# ---------------------------------------------------------------- data order
+
+class PromptSampler:
+    """Seeded epoch-wise shuffling of question indices; a global batch is cut into one contiguous
+    shard per rank, so the same seed and cursor give the same questions after a resume."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.cursor = n, seed, 0
+
+    def next_batch(self, size: int) -> list[int]:
+        out = []
+        for _ in range(size):
+            epoch, pos = divmod(self.cursor, self.n)
+            order = np.random.default_rng((self.seed, epoch)).permutation(self.n)
+            out.append(int(order[pos]))
+            self.cursor += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cursor = int(state["cursor"])
+
+
+def load_reward_fn(spec: str | None) -> Callable:
+    """`module:function` with rewards.compute_reward's signature, or the paper's reward."""
+    if not spec:
+        return compute_reward
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"reward_fn={spec!r} could not be loaded ({e}); expected 'module:function'") from None
+
+
+# ---------------------------------------------------------------- episodes -> metrics
+
+def episode_metrics(summaries: list[dict], prefix: str) -> dict[str, float]:
+    """Mean reward, EM (outcome), format-error rate, raw cost, calls per episode and per candidate."""
+    n = max(len(summaries), 1)
+    out = {
+        f"{prefix}/reward": sum(s["reward"]["total"] for s in summaries) / n,
+        f"{prefix}/em": sum(s["reward"]["outcome"] for s in summaries) / n,
+        f"{prefix}/format_error": sum(s["reward"]["format"] < 0 for s in summaries) / n,
+        f"{prefix}/raw_cost": sum(s["raw_cost"] for s in summaries) / n,
+        f"{prefix}/calls": sum(s["n_calls"] for s in summaries) / n,
+        f"{prefix}/response_tokens": sum(s["response_tokens"] for s in summaries) / n,
+    }
+    for s in summaries:
+        for c in s["calls"]:
+            key = f"{prefix}/calls_{c['candidate']}"
+            out[key] = out.get(key, 0.0) + 1.0 / n
+    return out
+
+
+@dataclass
+class Models:
+    actor: torch.nn.Module
+    critic: torch.nn.Module | None
+    ref: torch.nn.Module | None
+    actor_engine: PlainEngine
+    critic_engine: PlainEngine | None
+
+
+class Trainer:
+    """Holds the models, the env, the normalizer and the counters of one training run."""
+
+    def __init__(self, cfg: TrainConfig, task, tokenizer, actor: torch.nn.Module, dist_: Dist,
+                 run_dir: Path):
+        self.cfg, self.task, self.tokenizer, self.dist, self.run_dir = cfg, task, tokenizer, dist_, run_dir
+        alg = cfg.algorithm
+        self.estimator = get_advantage(alg.advantage)
+        self.adv_cfg = AdvantageConfig(gamma=alg.gamma, lam=alg.lam, whiten=alg.whiten,
+                                       grpo_norm_std=alg.grpo_norm_std)
+        critic = build_critic(actor, cfg.model.critic_init) if self.estimator.needs_critic else None
+        ref = build_reference(actor) if alg.kl.placement != "none" and alg.kl.coef > 0 else None
+        o = cfg.optim
+        self.m = Models(
+            actor, critic, ref,
+            PlainEngine(actor, o.actor_lr, o.weight_decay, o.grad_clip, o.warmup_steps, dist_),
+            PlainEngine(critic, o.critic_lr, o.weight_decay, o.grad_clip, o.warmup_steps, dist_) if critic else None,
+        )
+        self.kl_ctl = (AdaptiveKLController(alg.kl.coef, alg.kl.target, alg.kl.horizon) if alg.kl.adaptive
+                       else FixedKLController(alg.kl.coef))
+        self.normalizer = make_cost_normalizer(cfg.cost.normalizer, **cfg.cost.options)
+        self.reward_fn = load_reward_fn(cfg.reward_fn)
+        self.env = MultiRouteVectorEnv(tokenizer, task.pool, cfg.episode, self.reward_fn)
+        self.sampler = PromptSampler(len(task.train), cfg.seed)
+        self.step = 0
+        self.best_eval = -math.inf
+        self.pad_id = tokenizer.pad_token_id
+
+    # ------------------------------------------------------------ one RL step
+
+    def rollout(self) -> tuple[RolloutBatch, list[dict], dict]:
+        """Sample this rank's shard of the step's questions, n_per_prompt times each, and score them."""
+        cfg, d = self.cfg, self.dist
+        n_prompts = cfg.rollout.n_prompts
+        if n_prompts % d.world_size:
+            raise ValueError(f"rollout.n_prompts={n_prompts} must be divisible by the world size {d.world_size}")
+        global_idx = self.sampler.next_batch(n_prompts)
+        per_rank = n_prompts // d.world_size
+        mine = global_idx[d.rank * per_rank:(d.rank + 1) * per_rank]
+        n = cfg.rollout.n_per_prompt
+        # group ids are assigned to prompts BEFORE repeating, so a group is one question's n rollouts
+        group_ids = (grpo_group_ids(per_rank, n) + d.rank * per_rank).tolist()
+        examples = repeat_for_group([self.task.train[i] for i in mine], n)
+        t0 = time.perf_counter()
+        sampler_logps, stats = run_rollouts(self.m.actor, self.env, examples, cfg.rollout.temperature,
+                                            cfg.rollout.top_p, cfg.seed, self.step, self.pad_id,
+                                            index_offset=d.rank * per_rank * n)
+        rollout_s = time.perf_counter() - t0
+        # the paper's normalizer sees every episode's cost of the batch (all ranks), then scores
+        costs = d.all_gather_floats([e.raw_cost for e in self.env.episodes])
+        self.normalizer.update(costs)
+        scored = self.env.finish(self.normalizer)
+        scores = [r.total for r, _ in scored]
+        summaries = [s for _, s in scored]
+        batch = build_batch(self.env.episodes, scores, group_ids, sampler_logps, self.pad_id)
+        timing = {"time/rollout_s": rollout_s, "perf/rollout_tokens_per_s": stats.generated_tokens / max(rollout_s, 1e-9)}
+        return batch, summaries, timing
+
+    @torch.no_grad()
+    def score_tokens(self, batch: RolloutBatch) -> RolloutBatch:
+        """old_logprobs (a training-mode forward of the current policy), ref_logprobs, values."""
+        T = self.cfg.rollout.temperature or 1.0
+        olds, refs, vals = [], [], []
+        device = self.dist.device
+        for mb in micro_batches(batch, self.cfg.rollout.micro_batch_tokens):
+            mb = mb.to(device)
+            args = (mb.input_ids, mb.attention_mask, mb.position_ids)
+            width = batch.input_ids.shape[1]
+            pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1])).cpu()  # noqa: E731
+            self.m.actor.train()  # same mode as the update's forward
+            olds.append(pad(sequence_logprobs(self.m.actor, *args, temperature=T)[0]))
+            if self.m.ref is not None:
+                refs.append(pad(sequence_logprobs(self.m.ref, *args, temperature=T)[0]))
+            if self.m.critic is not None:
+                vals.append(pad(sequence_values(self.m.critic, *args).float()))
+        batch.old_logprobs = torch.cat(olds)
+        batch.ref_logprobs = torch.cat(refs) if refs else None
+        batch.values = torch.cat(vals) if vals else None
+        return batch
+
+    def add_kl_and_advantages(self, batch: RolloutBatch) -> dict[str, float]:
+        """KL in the reward (per token, -beta * k) when configured, then the registered estimator."""
+        kl_cfg, metrics = self.cfg.algorithm.kl, {}
+        mask = batch.action_mask
+        if batch.ref_logprobs is not None:
+            kl = kl_estimate(batch.old_logprobs, batch.ref_logprobs, kl_cfg.estimator) * mask
+            totals = self.dist.all_reduce_sum(torch.stack([kl.sum(), mask.sum()]).double())
+            mean_kl = float(totals[0] / totals[1].clamp(min=1))
+            metrics["kl/ref"] = mean_kl
+            metrics["kl/beta"] = self.kl_ctl.value
+            if kl_cfg.placement == "reward":
+                batch.token_rewards = batch.token_rewards - self.kl_ctl.value * kl
+            self.kl_ctl.update(mean_kl, len(batch))
+        data = AdvantageInput(batch.token_rewards, mask, batch.values, batch.group_ids)
+        batch.advantages, batch.returns = self.estimator.fn(data, self.adv_cfg)
+        return metrics
+
+    def update(self, batch: RolloutBatch) -> dict[str, float]:
+        """`ppo_epochs` passes of shuffled minibatches; one optimizer step per minibatch."""
+        cfg, alg = self.cfg, self.cfg.algorithm
+        mode, device = alg.loss_agg, self.dist.device
+        per_rank_mb = alg.minibatch_size // self.dist.world_size
+        if per_rank_mb < 1 or alg.minibatch_size % self.dist.world_size:
+            raise ValueError(f"algorithm.minibatch_size={alg.minibatch_size} must be divisible by the world size")
+        train_actor = self.step >= alg.critic_warmup_steps
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+
+        def add(key, value):
+            sums[key] = sums.get(key, 0.0) + float(value)
+            counts[key] = counts.get(key, 0) + 1
+
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
+        for _ in range(alg.ppo_epochs):
+            order = torch.randperm(len(batch), generator=g)
+            for start in range(0, len(batch), per_rank_mb):
+                pieces = micro_batches(batch.select(order[start:start + per_rank_mb]), cfg.rollout.micro_batch_tokens)
+                denom = step_denominator([p.action_mask for p in pieces], mode)  # global over ranks
+                finite = True
+                for p in pieces:
+                    p = p.to(device)
+                    args = (p.input_ids, p.attention_mask, p.position_ids)
+                    mask = p.action_mask
+                    if train_actor:
+                        logp, ent = sequence_logprobs(self.m.actor, *args, temperature=cfg.rollout.temperature or 1.0,
+                                                      with_entropy=True)
+                        pg, clipped = policy_loss(logp, p.old_logprobs, p.advantages, alg.clip_eps, alg.dual_clip)
+                        loss = agg_loss(pg, mask, mode, denom)
+                        entropy = agg_loss(ent, mask, mode, denom)
+                        loss = loss - alg.entropy_coef * entropy
+                        if alg.kl.placement == "loss" and p.ref_logprobs is not None:
+                            loss = loss + self.kl_ctl.value * agg_loss(kl_loss(logp, p.ref_logprobs, alg.kl.estimator),
+                                                                       mask, mode, denom)
+                        finite &= bool(torch.isfinite(loss))
+                        if finite:
+                            self.m.actor_engine.backward(loss)
+                        with torch.no_grad():
+                            log_ratio = (logp - p.old_logprobs) * mask
+                            n_act = mask.sum().clamp(min=1)
+                            add("actor/pg_loss", agg_loss(pg, mask, mode, denom))
+                            add("actor/entropy", (ent * mask).sum() / n_act)
+                            add("actor/clip_frac", (clipped * mask).sum() / n_act)
+                            # approx KL(old || new), Schulman's k3 estimator as in cleanrl
+                            add("actor/approx_kl", ((log_ratio.exp() - 1) - log_ratio).mul(mask).sum() / n_act)
+                    if self.m.critic is not None:
+                        v = sequence_values(self.m.critic, *args)
+                        vl = value_loss(v, p.values, p.returns, alg.value_clip)
+                        closs = alg.vf_coef * agg_loss(vl, mask, mode, denom)
+                        finite &= bool(torch.isfinite(closs))
+                        if finite:
+                            self.m.critic_engine.backward(closs)
+                        add("critic/value_loss", closs)
+                # a NaN/inf anywhere skips this update on every rank
+                bad = self.dist.all_reduce_max(torch.tensor([0.0 if finite else 1.0]))
+                skip = bool(bad.item() > 0)
+                if skip:
+                    log.warning("step %d: non-finite loss, skipping this optimizer step on every rank", self.step)
+                    add("train/skipped_updates", 1.0)
+                if train_actor:
+                    add("actor/grad_norm", self.m.actor_engine.step(skip))
+                if self.m.critic_engine is not None:
+                    add("critic/grad_norm", self.m.critic_engine.step(skip))
+        out = {k: sums[k] / counts[k] for k in sums}
+        if batch.values is not None:
+            m = batch.action_mask.bool()
+            y, v = batch.returns[m], batch.values[m]
+            var_y = float(y.var()) if y.numel() > 1 else 0.0
+            out["critic/explained_variance"] = 1.0 - float((y - v).var()) / var_y if var_y > 0 else float("nan")
+        return out
+
+    def train_step(self) -> tuple[dict[str, float], list[dict]]:
+        t0 = time.perf_counter()
+        batch, summaries, metrics = self.rollout()
+        batch = self.score_tokens(batch)
+        m = batch.action_mask.bool()
+        gap = (batch.sampler_logprobs - batch.old_logprobs).abs()[m]
+        if gap.numel():
+            metrics["rollout/logprob_gap_mean"] = float(gap.mean())
+            metrics["rollout/logprob_gap_p99"] = float(torch.quantile(gap.float(), 0.99))
+        metrics.update(self.add_kl_and_advantages(batch))
+        t1 = time.perf_counter()
+        metrics.update(self.update(batch))
+        update_s = time.perf_counter() - t1
+        metrics.update(self._reduce(episode_metrics(summaries, "train")))
+        n_tokens = float(self.dist.all_reduce_sum(batch.attention_mask.sum().float()))
+        metrics.update({"time/update_s": update_s, "time/step_s": time.perf_counter() - t0,
+                        "perf/update_tokens_per_s": n_tokens / max(update_s, 1e-9), "train/step": self.step})
+        self.step += 1
+        return metrics, summaries
+
+    def _reduce(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Mean of per-rank means (ranks hold equal episode counts)."""
+        if self.dist.world_size == 1:
+            return metrics
+        keys = sorted(metrics)
+        gathered = self.dist.all_gather_floats([metrics[k] for k in keys])
+        w = self.dist.world_size
+        return {k: sum(gathered[i + r * len(keys)] for r in range(w)) / w for i, k in enumerate(keys)}
+
+    # ------------------------------------------------------------ evaluation
+
+    def evaluate(self, examples: list, prefix: str = "eval") -> tuple[dict[str, float], list[dict]]:
+        """Greedy episodes on held-out questions, scored with the normalizer frozen."""
+        d = self.dist
+        mine = examples[d.rank::d.world_size]
+        env = MultiRouteVectorEnv(self.tokenizer, self.task.pool, self.cfg.episode, self.reward_fn)
+        summaries = []
+        chunk = self.cfg.rollout.n_prompts
+        for start in range(0, len(mine), chunk):
+            run_rollouts(self.m.actor, env, mine[start:start + chunk], 0.0, 1.0, self.cfg.seed, -1, self.pad_id)
+            summaries += [s for _, s in env.finish(self.normalizer)]
+        return self._reduce(episode_metrics(summaries, prefix)), summaries
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save(self, name: str | None = None) -> Path:
+        """Write a checkpoint to a temp dir, then rename: a crash mid-write leaves the old ones intact."""
+        ckpt_root = self.run_dir / "checkpoints"
+        final = ckpt_root / (name or f"step_{self.step:06d}")
+        if self.dist.is_main:
+            tmp = ckpt_root / f".tmp_{final.name}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            self.m.actor.save_pretrained(tmp / "policy", safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp / "policy")
+            state = {
+                "step": self.step, "best_eval": self.best_eval,
+                "actor_engine": self.m.actor_engine.state_dict(),
+                "critic": self.m.critic.state_dict() if self.m.critic is not None else None,
+                "critic_engine": self.m.critic_engine.state_dict() if self.m.critic_engine else None,
+                "ref": self.m.ref.state_dict() if self.m.ref is not None else None,
+                "kl_ctl": self.kl_ctl.state_dict(),
+                "normalizer": self.normalizer.state_dict(),
+                "sampler": self.sampler.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            }
+            torch.save(state, tmp / "trainer_state.pt")
+            with open(tmp / "config.yaml", "w") as f:
+                yaml.safe_dump(redacted(self.cfg), f, sort_keys=False)
+            (tmp / "COMPLETE").write_text(str(self.step))
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            self._prune(ckpt_root)
+        self.dist.barrier()
+        return final
+
+    def _prune(self, root: Path) -> None:
+        steps = sorted(p for p in root.glob("step_*") if (p / "COMPLETE").exists())
+        for old in steps[:-self.cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, path: Path) -> None:
+        from safetensors.torch import load_file
+        state = torch.load(path / "trainer_state.pt", weights_only=False)
+        weights = load_file(str(path / "policy" / "model.safetensors"))
+        self.m.actor.load_state_dict(weights, strict=False)
+        self.m.actor_engine.load_state_dict(state["actor_engine"])
+        if self.m.critic is not None and state["critic"] is not None:
+            self.m.critic.load_state_dict(state["critic"])
+            self.m.critic_engine.load_state_dict(state["critic_engine"])
+        if self.m.ref is not None and state["ref"] is not None:
+            self.m.ref.load_state_dict(state["ref"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.normalizer.load_state_dict(state["normalizer"])
+        self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        self.step, self.best_eval = state["step"], state["best_eval"]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete `step_*` checkpoint (a half-written temp dir is never chosen)."""
+    steps = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").exists())
+    return steps[-1] if steps else None
+
+
+class MetricsLogger:
+    """JSONL (always), TensorBoard (when installed), W&B (when asked for and installed); rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, use_wandb: bool = False, config: dict | None = None):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.samples = run_dir / "samples.jsonl"
+        self.tb = self.wandb = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:
+            log.info("tensorboard is not installed; logging to metrics.jsonl only")
+        if use_wandb:
+            try:
+                import wandb
+                self.wandb = wandb.init(project="routerl", dir=str(run_dir), config=config)
+            except ImportError:
+                log.warning("wandb=true but wandb is not installed; skipping W&B logging")
+
+    def log(self, step: int, metrics: dict[str, Any], samples: list[dict] = ()) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if samples:
+            with open(self.samples, "a") as f:
+                for s in samples:
+                    f.write(json.dumps({"step": step, **s}) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+

@@ -1,0 +1,73 @@
+"""Tasks the trainer runs: their train/test questions, candidate pool, tokenizer (when the task has its
+own), the scripted warm-start agent, and reference rows for the final table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from envs.candidates.pool import CandidatePool, load_pool
+from envs.prompts import build_prompt
+
+
+@dataclass
+class Task:
+    name: str
+    train: list
+    test: list
+    pool: CandidatePool
+    tokenizer: object | None = None  # the task's own tokenizer (RouteWorld); None: the model's
+    script: Callable | None = None  # scripted_turn(example, replies, rng, names) for the SFT warm start
+    references: Callable | None = None  # references(alpha, normalizer) -> {row name: metrics}
+    extra: dict = field(default_factory=dict)
+
+
+def make_routeworld_task(world_overrides: dict, n_test: int, max_turns: int, prompt_template: str) -> Task:
+    from envs.routeworld import (WorldConfig, extract_reply_answer, make_world, make_world_tokenizer,
+                                 oracle_summary, routeworld_pool, scripted_turn)
+    from envs.routeworld.script import answer_chunk, call_chunk
+    world = make_world(WorldConfig(**world_overrides))
+    pool = routeworld_pool(world)
+    train, test = world.questions("train"), world.questions("test")[:n_test]
+    prompts = [build_prompt(q["question"], pool.specs, prompt_template, max_turns) for q in train[:200]]
+    tokenizer = make_world_tokenizer(world, extra_texts=prompts)
+
+    def script(example, replies, rng, names):
+        return scripted_turn(example, replies, rng, names, "random", max_turns=max_turns)
+
+    def fixed_script(name):
+        """Send the whole question once to `name`, answer with its reply (the single-call baseline)."""
+        def turn(example, replies, rng, names):
+            if not replies:
+                return call_chunk(f"ask {name}", name, example["question"])
+            return answer_chunk(extract_reply_answer(replies[-1]))
+        return turn
+
+    def references(alpha: float, normalizer) -> dict[str, dict]:
+        s = oracle_summary(world, "test", alpha, cost_normalizer=normalizer, max_turns=max_turns)
+        return {"oracle plan (expected)": {"eval/em": s.em, "eval/raw_cost": s.cost,
+                                           "eval/reward": s.reward, "eval/format_error": 0.0}}
+
+    return Task("routeworld", train, test, pool, tokenizer, script, references,
+                extra={"world": world, "fixed_scripts": {n: fixed_script(n) for n in pool.names}})
+
+
+def make_qa_task(train_path: str, test_path: str | None, pool_path: str, n_test: int) -> Task:
+    from envs.data import QADataConfig, load_qa
+    train = [e.__dict__ for e in load_qa(QADataConfig(path=train_path))]
+    test = [e.__dict__ for e in load_qa(QADataConfig(path=test_path))][:n_test] if test_path else train[:n_test]
+    return Task("qa", train, test, load_pool(pool_path))
+
+
+def make_task(cfg) -> Task:
+    """Build the task named by `cfg.task` (a TrainConfig)."""
+    t = cfg.task
+    if t.name == "routeworld":
+        return make_routeworld_task(t.world, t.n_test, cfg.episode.max_turns, cfg.episode.prompt_template)
+    return make_qa_task(t.train_path, t.test_path, t.pool, t.n_test)
+
+
+def seeded_rng(seed: int, *keys: int) -> np.random.Generator:
+    return np.random.default_rng((seed, *keys))

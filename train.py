@@ -1,0 +1,191 @@
+"""Train a router: python train.py --config configs/X.yaml [dotted.key=value ...] [--resume].
+
+With no config it runs the tiny RouteWorld job on a CPU: supervised warm start on scripted
+trajectories, then PPO, then a table comparing the SFT start, the trained policy, the best single
+candidate and the oracle plan, and curves.png in the run directory. Launch with torchrun for many GPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from agents.config import TrainConfig, load_config, redacted
+from agents.distributed import init_distributed
+from agents.policy import build_actor
+from agents.sft import play_scripted, replay_turns, sft_train, trajectories_from_jsonl
+from agents.trainer import MetricsLogger, Trainer, latest_checkpoint
+from envs.tasks import make_task, seeded_rng
+from envs.vector import MultiRouteVectorEnv
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "routeworld_tiny.yaml"
+log = logging.getLogger("routerl")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: the tiny RouteWorld job)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. episode.alpha=0.8")
+    return p.parse_args(argv)
+
+
+def run_sft(cfg: TrainConfig, task, tokenizer, actor, dist_, logger) -> None:
+    """Warm start: scripted (or recorded) trajectories played through the env, then supervised fit."""
+    env = MultiRouteVectorEnv(tokenizer, task.pool, cfg.episode)
+    if cfg.sft.source == "scripted":
+        if task.script is None:
+            raise ValueError(f"sft.source=scripted but task {task.name!r} has no scripted agent; "
+                             "give sft.source=<trajectories.jsonl>")
+        rng = seeded_rng(cfg.seed, 1)
+        examples = [task.train[int(i)] for i in rng.integers(len(task.train), size=cfg.sft.n_examples)]
+        script = task.script
+    else:
+        examples, script, rng = trajectories_from_jsonl(cfg.sft.source), replay_turns, seeded_rng(cfg.seed, 1)
+    examples = examples[dist_.rank::dist_.world_size]
+    episodes = []
+    for start in range(0, len(examples), 256):
+        episodes += play_scripted(env, examples[start:start + 256], script, rng)
+    t0 = time.perf_counter()
+    losses = sft_train(actor, episodes, tokenizer.pad_token_id, cfg.sft.epochs, cfg.sft.lr, cfg.sft.batch_size,
+                       cfg.seed, cfg.rollout.micro_batch_tokens)
+    log.info("SFT: %d trajectories, %d steps, loss %.3f -> %.3f in %.0fs", len(episodes), len(losses),
+             losses[0], losses[-1], time.perf_counter() - t0)
+
+
+def fixed_candidate_rows(cfg: TrainConfig, task, tokenizer, normalizer) -> dict[str, dict]:
+    """Every test question sent whole to one candidate, for each candidate (single-call baselines)."""
+    from agents.trainer import episode_metrics
+    rows = {}
+    for name, script in task.extra.get("fixed_scripts", {}).items():
+        env = MultiRouteVectorEnv(tokenizer, task.pool, cfg.episode)
+        play_scripted(env, task.test, script, seeded_rng(cfg.seed, 2))
+        rows[f"fixed: {name}"] = episode_metrics([s for _, s in env.finish(normalizer)], "eval")
+    return rows
+
+
+def write_report(run_dir: Path, rows: dict[str, dict], metrics_path: Path) -> str:
+    """The final table (Markdown) and curves.png (reward, EM and cost over training steps)."""
+    cols = [("eval/em", "EM"), ("eval/format_error", "format err"), ("eval/raw_cost", "raw cost"),
+            ("eval/calls", "calls/q"), ("eval/reward", "reward")]
+    lines = ["| router | " + " | ".join(c for _, c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, m in rows.items():
+        cells = [f"{m[k]:.3f}" if k in m else "-" for k, _ in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    (run_dir / "results.md").write_text(table + "\n")
+    tmp = run_dir / "results.json.tmp"
+    tmp.write_text(json.dumps(rows, indent=2))
+    tmp.replace(run_dir / "results.json")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    for ax, key, title in zip(axes, ("reward", "em", "raw_cost"), ("reward", "EM", "raw cost (micro-$)")):
+        for split, style in (("train", "-"), ("eval", "o-")):
+            pts = [(r["step"], r[f"{split}/{key}"]) for r in records if f"{split}/{key}" in r]
+            if pts:
+                ax.plot(*zip(*pts), style, label=split)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "curves.png.tmp.png", dpi=100)
+    plt.close(fig)
+    (run_dir / "curves.png.tmp.png").replace(run_dir / "curves.png")
+    return table
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)  # every key validated before any model loads
+    dist_ = init_distributed(cfg.device)
+    logging.basicConfig(level=logging.INFO if dist_.is_main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if dist_.is_main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(redacted(cfg), sort_keys=False))
+    torch.manual_seed(cfg.seed)  # model initialisation only; sampling streams are keyed per episode
+
+    task = make_task(cfg)
+    if task.tokenizer is not None:
+        tokenizer = task.tokenizer
+    else:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        raise ValueError("the tokenizer needs a pad token distinct from EOS (set one and save the tokenizer)")
+
+    resume_from = latest_checkpoint(run_dir) if args.resume else None
+    sft_dir = run_dir / "sft_policy"
+    if resume_from is not None and sft_dir.exists():
+        cfg.model.name_or_path = str(sft_dir)  # ref and critic trunk start from the SFT weights
+    actor = build_actor(cfg.model, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, dist_.device)
+    logger = MetricsLogger(run_dir, dist_.is_main, cfg.wandb, redacted(cfg))
+
+    rows: dict[str, dict] = {}
+    sft_eval_path = run_dir / "sft_eval.json"
+    if cfg.sft.enabled and resume_from is None:
+        run_sft(cfg, task, tokenizer, actor, dist_, logger)
+        if dist_.is_main:
+            actor.save_pretrained(sft_dir)
+            tokenizer.save_pretrained(sft_dir)
+    trainer = Trainer(cfg, task, tokenizer, actor, dist_, run_dir)
+    if resume_from is not None:
+        trainer.load(resume_from)
+        log.info("resumed from %s at step %d", resume_from, trainer.step)
+    if sft_eval_path.exists():
+        rows["SFT start" if cfg.sft.enabled else "start"] = json.loads(sft_eval_path.read_text())
+    else:
+        start_metrics, _ = trainer.evaluate(task.test)
+        rows["SFT start" if cfg.sft.enabled else "start"] = start_metrics
+        if dist_.is_main:
+            sft_eval_path.write_text(json.dumps(start_metrics))
+
+    bar = tqdm(total=cfg.total_steps, initial=trainer.step, disable=not dist_.is_main, desc="PPO", dynamic_ncols=True)
+    while trainer.step < cfg.total_steps:
+        metrics, summaries = trainer.train_step()
+        step = trainer.step
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.total_steps:
+            eval_metrics, _ = trainer.evaluate(task.test)
+            metrics.update(eval_metrics)
+            if eval_metrics["eval/reward"] > trainer.best_eval:
+                trainer.best_eval = eval_metrics["eval/reward"]
+                trainer.save("best")
+        if step % cfg.log_every == 0:
+            logger.log(step, metrics, summaries[:cfg.n_samples_logged])
+        if cfg.save_every and step % cfg.save_every == 0:
+            trainer.save()
+        bar.set_postfix(reward=f"{metrics['train/reward']:.3f}", em=f"{metrics['train/em']:.2f}",
+                        cost=f"{metrics['train/raw_cost']:.1f}")
+        bar.update(1)
+    bar.close()
+
+    final, _ = trainer.evaluate(task.test)
+    logger.log(trainer.step, final)
+    trainer.save()
+    rows["trained policy"] = final
+    if dist_.is_main:
+        rows.update(fixed_candidate_rows(cfg, task, tokenizer, trainer.normalizer))
+        if task.references is not None:
+            rows.update(task.references(cfg.episode.alpha, trainer.normalizer))
+        table = write_report(run_dir, rows, logger.path)
+        print(f"\nHeld-out results ({len(task.test)} questions, alpha={cfg.episode.alpha}):\n{table}\n"
+              f"curves: {run_dir / 'curves.png'}")
+    logger.close()
+    task.pool.close()
+    return rows
+
+
+if __name__ == "__main__":
+    main()
