@@ -160,27 +160,26 @@ class TagScanner:
             return []
         window = self._tail + piece
         events: list[TagEvent] = []
-        cursor = 0  # index in window after the last handled tag
+        # index in window from which the open search's text is not yet recorded; other tags inside
+        # a search do not move it, so its content is the raw text between its tags however split
+        search_from = len(self._tail)
         for m in _TAG_RE.finditer(window):
             if m.end() <= len(self._tail):
                 continue  # entirely inside already-scanned text
             is_close, name = m.group(1) == "/", m.group(2)
-            if self._search is not None:
-                self._search.append(window[max(cursor, len(self._tail)):m.start()])
-            if name == SEARCH and not is_close:
-                self._search = []
-            elif name == SEARCH and is_close and self._search is not None:
+            if name == SEARCH and is_close and self._search is not None:
+                self._search.append(window[search_from:m.start()])
                 content = "".join(self._search)
                 # a closing tag that straddles two pieces left its head in the previous piece's text
                 straddle = max(0, len(self._tail) - m.start())
                 events.append(TagEvent("close", SEARCH, content[:len(content) - straddle]))
                 self._search = None
-                cursor = m.end()
                 continue
+            if name == SEARCH and not is_close:
+                self._search, search_from = [], m.end()
             events.append(TagEvent("close" if is_close else "open", name))
-            cursor = m.end()
         if self._search is not None:
-            self._search.append(window[max(cursor, len(self._tail)):])
+            self._search.append(window[search_from:])
         self._tail = window[-(_MAX_TAG_LEN - 1):]
         return events
 
