@@ -35,6 +35,7 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     name: str = "routeworld"  # routeworld | qa
+    world_preset: str = "default"  # routeworld: default | easy (one domain, a good and a bad specialist)
     world: dict = field(default_factory=dict)  # RouteWorld WorldConfig overrides
     train_path: str | None = None  # qa: local jsonl/parquet/csv (FlashRAG columns)
     test_path: str | None = None
@@ -43,6 +44,7 @@ class TaskConfig:
 
     def __post_init__(self):
         _one_of("task.name", self.name, ("routeworld", "qa"))
+        _one_of("task.world_preset", self.world_preset, ("default", "easy"))
         if self.name == "qa" and not (self.train_path and self.pool):
             raise ValueError("task.name=qa needs task.train_path and task.pool")
         _positive("task.n_test", self.n_test)
@@ -216,6 +218,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return from_dict(hint, value, prefix=key + ".")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     base = origin or hint
     if base is typing.Any:
         return value
@@ -254,7 +261,13 @@ def apply_override(data: dict, override: str) -> None:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ValueError(f"override {override!r}: {p!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):  # YAML 1.1 reads "1e-6" (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    node[parts[-1]] = value
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -277,13 +290,17 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Train
 SECRET_HINTS = ("key", "token", "secret", "password")
 
 
+def redact(data: Any) -> Any:
+    """A copy of nested dicts/lists with every secret-looking string value replaced; keys ending in
+    `_env` hold the NAME of an environment variable and are kept."""
+    if isinstance(data, dict):
+        return {k: ("<redacted>" if isinstance(v, str) and any(h in k.lower() for h in SECRET_HINTS)
+                    and not k.endswith("_env") else redact(v)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [redact(v) for v in data]
+    return data
+
+
 def redacted(cfg: TrainConfig) -> dict:
-    """The config as a dict with any secret-looking value replaced (names of env vars are kept)."""
-    def walk(x):
-        if isinstance(x, dict):
-            return {k: ("<redacted>" if any(h in k.lower() for h in SECRET_HINTS) and not k.endswith("_env")
-                        and isinstance(v, str) else walk(v)) for k, v in x.items()}
-        if isinstance(x, list):
-            return [walk(v) for v in x]
-        return x
-    return walk(dataclasses.asdict(cfg))
+    """The config as a dict, secrets redacted (what is saved in run directories and checkpoints)."""
+    return redact(dataclasses.asdict(cfg))

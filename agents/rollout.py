@@ -21,22 +21,27 @@ def episode_generator(seed: int, step: int, index: int, device: str | torch.devi
     return g
 
 
-def sample_token(logits: torch.Tensor, temperature: float, top_p: float,
-                 generator: torch.Generator) -> tuple[int, float]:
-    """Sample from softmax(logits / T) restricted to the top-p nucleus (exact); T = 0 is greedy.
-    Returns the token and its log-probability under the distribution actually sampled from."""
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
+                  generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row from softmax(logits / T) restricted to the top-p nucleus; T = 0 is
+    greedy. Exact: the Gumbel-max trick over the (renormalised) nucleus, with each row's noise drawn
+    from that row's own generator. Returns tokens (R,) and their log-probabilities (R,) under the
+    distribution actually sampled from."""
     logits = logits.float()
     if temperature == 0:
-        token = int(logits.argmax())
-        return token, float(torch.log_softmax(logits, -1)[token])
-    probs = torch.softmax(logits / temperature, -1)
+        tokens = logits.argmax(-1)
+        return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
+    logp = torch.log_softmax(logits / temperature, -1)
     if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = (sorted_p.cumsum(0) - sorted_p) < top_p  # the token that crosses top_p is kept
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-        probs = probs / probs.sum()
-    token = int(torch.multinomial(probs, 1, generator=generator))
-    return token, float(probs[token].log())
+        sorted_lp, order = logp.sort(-1, descending=True)
+        sorted_p = sorted_lp.exp()
+        drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= top_p  # the token that crosses top_p is kept
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logp = torch.log_softmax(logp.masked_fill(drop, float("-inf")), -1)
+    noise = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in generators]).to(logits.device)
+    gumbel = -torch.log(-torch.log(noise.clamp_min(1e-20)))
+    tokens = (logp + gumbel).argmax(-1)  # Gumbel-max: an exact sample of softmax(logp)
+    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
 @dataclass
@@ -83,10 +88,10 @@ def run_rollouts(model, env: MultiRouteVectorEnv, examples: list, temperature: f
         stats.segments += 1
         while True:
             next_ids = torch.full((len(rows),), pad_id, dtype=torch.long)
-            for r, i in enumerate(rows):
-                if not running[r]:
-                    continue
-                token, logp = sample_token(last[r], temperature, top_p, gens[i])
+            live = running.nonzero().squeeze(-1).tolist()
+            tokens, token_logps = sample_tokens(last[live], temperature, top_p, [gens[rows[r]] for r in live])
+            for r, token, logp in zip(live, tokens.tolist(), token_logps.tolist()):
+                i = rows[r]
                 logps[i].append(logp)
                 next_ids[r] = token
                 stats.generated_tokens += 1

@@ -88,7 +88,7 @@ def sft_train(model, episodes, pad_id: int, epochs: int, lr: float, batch_size: 
                 logp, _ = sequence_logprobs(model, piece.input_ids, piece.attention_mask, piece.position_ids)
                 loss = -(logp * piece.action_mask).sum() / n_tokens
                 loss.backward()
-                total_loss += float(loss)
+                total_loss += float(loss.detach())
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()

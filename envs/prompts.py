@@ -38,8 +38,8 @@ def candidate_block(specs: Sequence[CandidateSpec], compact: bool = False) -> st
     for s in specs:
         size = f"{s.params_b:g}B"
         price = f"${s.price_per_1m_output:g}/M"
-        if compact:
-            lines.append(f"{s.name} {size} {price} {s.description}".rstrip())
+        if compact:  # name and price only: a tiny model learns who is good at what from the reward
+            lines.append(f"{s.name} {price}")
         else:
             desc = f": {s.description}" if s.description else ""
             lines.append(f"- {s.name} ({size} parameters, {price} output tokens){desc}")

@@ -24,11 +24,14 @@ class Task:
     extra: dict = field(default_factory=dict)
 
 
-def make_routeworld_task(world_overrides: dict, n_test: int, max_turns: int, prompt_template: str) -> Task:
-    from envs.routeworld import (WorldConfig, extract_reply_answer, make_world, make_world_tokenizer,
-                                 oracle_summary, routeworld_pool, scripted_turn)
+def make_routeworld_task(world_overrides: dict, n_test: int, max_turns: int, prompt_template: str,
+                         preset: str = "default") -> Task:
+    import dataclasses
+    from envs.routeworld import (WorldConfig, easy_world_config, extract_reply_answer, make_world,
+                                 make_world_tokenizer, oracle_summary, routeworld_pool, scripted_turn)
     from envs.routeworld.script import answer_chunk, call_chunk
-    world = make_world(WorldConfig(**world_overrides))
+    base = easy_world_config() if preset == "easy" else WorldConfig()
+    world = make_world(dataclasses.replace(base, **world_overrides))
     pool = routeworld_pool(world)
     train, test = world.questions("train"), world.questions("test")[:n_test]
     prompts = [build_prompt(q["question"], pool.specs, prompt_template, max_turns) for q in train[:200]]
@@ -65,7 +68,8 @@ def make_task(cfg) -> Task:
     """Build the task named by `cfg.task` (a TrainConfig)."""
     t = cfg.task
     if t.name == "routeworld":
-        return make_routeworld_task(t.world, t.n_test, cfg.episode.max_turns, cfg.episode.prompt_template)
+        return make_routeworld_task(t.world, t.n_test, cfg.episode.max_turns, cfg.episode.prompt_template,
+                                    t.world_preset)
     return make_qa_task(t.train_path, t.test_path, t.pool, t.n_test)
 
 

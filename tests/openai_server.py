@@ -21,8 +21,8 @@ import json
 import socket
 import threading
 from collections import deque
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterator
 
 FAULTS = ("timeout", "429", "500", "400", "malformed", "no_content", "no_usage")
 
@@ -98,7 +98,9 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path != "/v1/chat/completions":
             return self._send(404, {"error": {"message": f"no route {self.path}"}})
         if srv.api_key is not None and self.headers.get("Authorization") != f"Bearer {srv.api_key}":
-            return self._send(401, {"error": {"message": "invalid API key"}})
+            # like some gateways, echo what was sent: the client must scrub it from its errors
+            sent = self.headers.get("Authorization")
+            return self._send(401, {"error": {"message": f"invalid API key in header {sent!r}"}})
         if srv.delay_s:
             srv.stopping.wait(srv.delay_s)
         if fault == "timeout":

@@ -8,7 +8,7 @@ import logging
 import os
 import random
 import time
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import httpx
 
@@ -85,7 +85,9 @@ class OpenAIBackend:
     ):
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise ValueError(f"openai backend: base_url must start with http:// or https://, got {base_url!r}")
-        for key, value in (("timeout_s", timeout_s), ("backoff_base_s", backoff_base_s),
+        if not timeout_s > 0:
+            raise ValueError(f"openai backend: timeout_s={timeout_s!r} must be > 0")
+        for key, value in (("backoff_base_s", backoff_base_s),
                            ("backoff_max_s", backoff_max_s), ("retry_after_max_s", retry_after_max_s)):
             if not value >= 0:
                 raise ValueError(f"openai backend: {key}={value!r} must be >= 0")
@@ -168,7 +170,7 @@ class OpenAIBackend:
             response = await client.post("/chat/completions", json=payload)
         except httpx.TimeoutException as e:
             raise _Retryable(f"{type(e).__name__} (timeout {self.timeout_s:g}s)") from None
-        except httpx.TransportError as e:
+        except httpx.RequestError as e:  # connection refused or reset, protocol and decoding errors
             raise _Retryable(self._redact(f"{type(e).__name__}: {e}")[:200]) from None
         status = response.status_code
         if status in RETRY_STATUSES:

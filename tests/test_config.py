@@ -1,0 +1,69 @@
+"""Config validation: every bad key, type or range stops the run before any model loads."""
+
+import pytest
+
+from agents.config import TrainConfig, apply_override, load_config, redacted
+
+
+def test_defaults_validate():
+    assert isinstance(load_config(None), TrainConfig)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("episode.alpha=1.5", "alpha"),
+    ("algorithm.lam=-1", "algorithm.lam"),
+    ("algorithm.gamma=2", "algorithm.gamma"),
+    ("algorithm.loss_agg=mean", "algorithm.loss_agg"),
+    ("algorithm.advantage=ppo2", "ppo2"),
+    ("rollout.top_p=0", "rollout.top_p"),
+    ("model.dtype=int8", "model.dtype"),
+])
+def test_out_of_range_values_name_the_key(override, key):
+    with pytest.raises(ValueError, match=key):
+        load_config(None, [override])
+
+
+def test_unknown_key_is_an_error_listing_allowed_keys():
+    with pytest.raises(ValueError, match=r"algorithm.clip_epsilon.*clip_eps"):
+        load_config(None, ["algorithm.clip_epsilon=0.1"])
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises((TypeError, ValueError), match="rollout.n_prompts"):
+        load_config(None, ["rollout.n_prompts=many"])
+
+
+def test_grpo_needs_groups_and_kl_in_loss():
+    with pytest.raises(ValueError, match="n_per_prompt"):
+        load_config(None, ["algorithm.advantage=grpo", "algorithm.kl.placement=loss", "algorithm.kl.estimator=k3"])
+    with pytest.raises(ValueError, match="algorithm.kl.placement"):
+        load_config(None, ["algorithm.advantage=grpo", "rollout.n_per_prompt=4"])
+    load_config(None, ["algorithm.advantage=grpo", "rollout.n_per_prompt=4", "algorithm.kl.placement=loss",
+                       "algorithm.kl.estimator=k3"])
+
+
+def test_k1_as_a_loss_term_is_refused():
+    with pytest.raises(ValueError, match="k1"):
+        load_config(None, ["algorithm.kl.placement=loss", "algorithm.kl.estimator=k1"])
+
+
+def test_overrides_parse_yaml_values():
+    data = {}
+    apply_override(data, "optim.actor_lr=1e-6")
+    apply_override(data, "sft.enabled=true")
+    apply_override(data, "algorithm.dual_clip=null")
+    assert data == {"optim": {"actor_lr": 1e-6}, "sft": {"enabled": True}, "algorithm": {"dual_clip": None}}
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+    for path in sorted(Path("configs").glob("*.yaml")):
+        load_config(path)
+
+
+def test_redaction_hides_secret_values_but_keeps_env_var_names():
+    from agents.config import redact
+    out = redact({"backend": {"api_key": "sk-123", "api_key_env": "ROUTER_API_KEY", "n": 3}, "l": [{"token": "t"}]})
+    assert out == {"backend": {"api_key": "<redacted>", "api_key_env": "ROUTER_API_KEY", "n": 3},
+                   "l": [{"token": "<redacted>"}]}
+    assert redacted(load_config(None))["task"]["name"] == "routeworld"
