@@ -57,6 +57,11 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     micro_batch_tokens: int = 16384  # token budget of a forward/backward micro-batch
+    # benchmarks and random-weight runs: at these policy-token counts the engine writes a call to the
+    # first candidate instead of sampling, and at forced_answer_at an answer (random weights never
+    # write tags, so this is how calls, <info> insertion and masking get exercised)
+    forced_turns: list = field(default_factory=list)
+    forced_answer_at: int = 0
 
     def __post_init__(self):
         _positive("rollout.n_prompts", self.n_prompts)
@@ -64,6 +69,10 @@ class RolloutConfig:
         _in_range("rollout.temperature", self.temperature, 0.0, 10.0)
         _in_range("rollout.top_p", self.top_p, 1e-6, 1.0)
         _positive("rollout.micro_batch_tokens", self.micro_batch_tokens)
+        if any(not isinstance(p, int) or p < 0 for p in self.forced_turns):
+            raise ValueError(f"rollout.forced_turns must be a list of token positions >= 0, got {self.forced_turns}")
+        if self.forced_turns and self.forced_answer_at <= max(self.forced_turns):
+            raise ValueError("rollout.forced_answer_at must come after the last of rollout.forced_turns")
 
 
 @dataclass

@@ -45,6 +45,20 @@ def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
 
 
 @dataclass
+class ForcedSchedule:
+    """Token ids written instead of sampled ones when an episode reaches a number of policy tokens
+    (benchmarks and random-weight runs): `chunks[position]` is written from that position on."""
+
+    chunks: dict[int, list[int]]
+
+    @classmethod
+    def calls_then_answer(cls, tokenizer, candidate: str, turns: list[int], answer_at: int) -> "ForcedSchedule":
+        call = tokenizer.encode(f" </think>\n<search> {candidate}: forced question? </search>", add_special_tokens=False)
+        answer = tokenizer.encode(" </think>\n<answer> forced </answer>", add_special_tokens=False)
+        return cls({**{p: call for p in turns}, answer_at: answer})
+
+
+@dataclass
 class RolloutStats:
     generated_tokens: int = 0
     segments: int = 0
@@ -62,7 +76,8 @@ def _left_pad(contexts: list[list[int]], pad_id: int, device) -> tuple[torch.Ten
 
 @torch.no_grad()
 def run_rollouts(model, env: MultiRouteVectorEnv, examples: list, temperature: float, top_p: float,
-                 seed: int, step: int, pad_id: int, index_offset: int = 0) -> tuple[list[list[float]], RolloutStats]:
+                 seed: int, step: int, pad_id: int, index_offset: int = 0,
+                 forced: ForcedSchedule | None = None) -> tuple[list[list[float]], RolloutStats]:
     """Play one rollout phase: every example's episode, all with the same weights, until all end.
 
     Each segment left-pads the contexts of the running episodes, prefills them once, and decodes
@@ -76,6 +91,7 @@ def run_rollouts(model, env: MultiRouteVectorEnv, examples: list, temperature: f
     env.reset(examples)
     gens = [episode_generator(seed, step, index_offset + i) for i in range(len(examples))]
     logps: list[list[float]] = [[] for _ in examples]
+    queues: list[list[int]] = [[] for _ in examples]  # forced tokens still to write, per episode
     stats = RolloutStats()
     while env.active:
         rows = env.active
@@ -92,6 +108,11 @@ def run_rollouts(model, env: MultiRouteVectorEnv, examples: list, temperature: f
             tokens, token_logps = sample_tokens(last[live], temperature, top_p, [gens[rows[r]] for r in live])
             for r, token, logp in zip(live, tokens.tolist(), token_logps.tolist()):
                 i = rows[r]
+                if forced is not None:
+                    queues[i] = queues[i] or list(forced.chunks.get(env.episodes[i].policy_tokens, []))
+                    if queues[i]:
+                        token = queues[i].pop(0)
+                        logp = float(torch.log_softmax(last[r].float() / (temperature or 1.0), -1)[token])
                 logps[i].append(logp)
                 next_ids[r] = token
                 stats.generated_tokens += 1

@@ -25,7 +25,7 @@ from agents.distributed import Dist, PlainEngine
 from agents.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from agents.losses import agg_loss, kl_loss, policy_loss, step_denominator, value_loss
 from agents.policy import build_critic, build_reference, sequence_logprobs, sequence_values
-from agents.rollout import run_rollouts
+from agents.rollout import ForcedSchedule, run_rollouts
 from envs.vector import MultiRouteVectorEnv
 from rewards import compute_reward, make_cost_normalizer
 
@@ -124,6 +124,9 @@ class Trainer:
         self.step = 0
         self.best_eval = -math.inf
         self.pad_id = tokenizer.pad_token_id
+        r = cfg.rollout
+        self.forced = (ForcedSchedule.calls_then_answer(tokenizer, task.pool.names[0], r.forced_turns, r.forced_answer_at)
+                       if r.forced_turns else None)
 
     # ------------------------------------------------------------ one RL step
 
@@ -143,7 +146,7 @@ class Trainer:
         t0 = time.perf_counter()
         sampler_logps, stats = run_rollouts(self.m.actor, self.env, examples, cfg.rollout.temperature,
                                             cfg.rollout.top_p, cfg.seed, self.step, self.pad_id,
-                                            index_offset=d.rank * per_rank * n)
+                                            index_offset=d.rank * per_rank * n, forced=self.forced)
         rollout_s = time.perf_counter() - t0
         # the paper's normalizer sees every episode's cost of the batch (all ranks), then scores
         costs = d.all_gather_floats([e.raw_cost for e in self.env.episodes])
@@ -306,7 +309,8 @@ class Trainer:
         summaries = []
         chunk = self.cfg.rollout.n_prompts
         for start in range(0, len(mine), chunk):
-            run_rollouts(self.m.actor, env, mine[start:start + chunk], 0.0, 1.0, self.cfg.seed, -1, self.pad_id)
+            run_rollouts(self.m.actor, env, mine[start:start + chunk], 0.0, 1.0, self.cfg.seed, -1, self.pad_id,
+                         forced=self.forced)
             summaries += [s for _, s in env.finish(self.normalizer)]
         return self._reduce(episode_metrics(summaries, prefix)), summaries
 

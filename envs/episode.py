@@ -11,7 +11,7 @@ from tokenizers.decoders import DecodeStream
 
 from envs.candidates.pool import CandidatePool
 from envs.candidates.spec import CallRecord
-from envs.tags import ANSWER, INFO, SEARCH, Call, TagScanner, close_tag, escape_info, open_tag, parse_call
+from envs.tags import ANSWER, SEARCH, Call, TagScanner, escape_info, info_block, parse_call
 from rewards import RewardBreakdown, compute_reward
 from rewards.cost import CostNormalizer
 
@@ -166,7 +166,7 @@ class Episode:
             body = f"error: {record.error}" if record.error else record.reply
         else:
             body = str(self.pending)
-        text = f"\n{open_tag(INFO)} {self._truncate(escape_info(body).strip())} {close_tag(INFO)}\n"
+        text = info_block(self._truncate(escape_info(body).strip()))
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         backend = _backend_tokenizer(self.tokenizer)
         for i in ids:  # keep the incremental decoder's context in step; the text is known exactly

@@ -130,6 +130,12 @@ def escape_info(text: str) -> str:
     return _TAGLIKE_RE.sub("&lt;", text)
 
 
+def info_block(reply: str) -> str:
+    """A candidate's reply exactly as the env inserts it after a `</search>`: escaped, inside
+    `<info>`, on its own line."""
+    return f"\n{open_tag(INFO)} {escape_info(reply).strip()} {close_tag(INFO)}\n"
+
+
 @dataclass(frozen=True)
 class TagEvent:
     """`kind` is "open" or "close"; for a closed search, `content` is the block's text."""

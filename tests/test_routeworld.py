@@ -142,16 +142,16 @@ def test_replies_are_deterministic_and_tolerate_case_spacing_and_punctuation(wor
         assert extract_reply_answer(answer_query(world, profile, "Who painted the Mona Lisa?")) == UNKNOWN
 
 
-def test_wrong_replies_name_an_entity_of_the_right_kind_from_the_same_split(world):
+def test_wrong_replies_name_an_entity_of_the_right_kind_from_either_split(world):
     tiny = next(p for p in world.config.candidates if p.name == "Tiny-LM")
-    seen_wrong = 0
-    for q in world.questions("test"):
+    splits = []
+    for q in world.questions("train"):
         said = extract_reply_answer(answer_query(world, tiny, q["hops"][0]["sub_question"]))
         if said not in (UNKNOWN, q["hops"][0]["answer"]):
-            seen_wrong += 1
             assert world.kind_of[said] == RELATIONS[q["hops"][0]["relation"]].answer_kind
-            assert world.split_of[said] == "test"
-    assert seen_wrong > 20
+            splits.append(world.split_of[said])
+    # a wrong reply during training can name a test entity, so every name is seen as a copy target
+    assert len(splits) > 50 and "test" in splits and "train" in splits
 
 
 def test_the_pool_charges_the_reply_length_times_the_output_price(world, pool):
@@ -254,12 +254,11 @@ def test_tags_and_candidate_names_are_single_tokens_and_pad_differs_from_eos(wor
     assert 300 <= len(tokenizer) <= 1100
 
 
-def test_test_names_are_made_of_pieces_seen_in_training(world, tokenizer):
-    train_ids = {i for q in world.questions("train") for h in q["hops"]
-                 for i in tokenizer.encode(h["sub_question"] + " " + h["answer"], add_special_tokens=False)}
-    test_ids = {i for q in world.questions("test") for h in q["hops"]
-                for i in tokenizer.encode(h["sub_question"] + " " + h["answer"], add_special_tokens=False)}
-    assert test_ids <= train_ids, tokenizer.convert_ids_to_tokens(sorted(test_ids - train_ids))
+def test_every_entity_name_is_one_token(world, tokenizer):
+    for kind in world.entities:
+        for name in world.entities_of(kind):
+            ids = tokenizer.encode(f"is {name}?", add_special_tokens=False)
+            assert tokenizer.decode(ids) == f"is {name}?" and name in tokenizer.convert_ids_to_tokens(ids)
 
 
 def test_tokenizer_survives_save_and_load(world, tokenizer, tmp_path):

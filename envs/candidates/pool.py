@@ -54,15 +54,18 @@ def register_backend(kind: str):
 
 
 def make_backend(kind: str, specs: Sequence[CandidateSpec], **options: Any) -> Backend:
-    _import_builtin_backends()
+    if kind not in _BACKENDS:
+        _import_builtin_backends(kind)
     if kind not in _BACKENDS:
         raise ValueError(f"unknown candidate backend {kind!r}; known: {', '.join(sorted(_BACKENDS))}")
     return _BACKENDS[kind](specs=specs, **options)
 
 
-def _import_builtin_backends() -> None:
+def _import_builtin_backends(kind: str) -> None:
+    """Import the built-in module named like `kind` (they register on import), else all of them."""
     import importlib
-    for module in ("simulated", "openai", "local", "replay", "cache"):
+    builtin = ("simulated", "openai", "local", "replay")
+    for module in ([kind] if kind in builtin else builtin):
         try:
             importlib.import_module(f"envs.candidates.{module}")
         except ModuleNotFoundError as e:
@@ -213,8 +216,12 @@ def load_pool(
     if backend is None:
         options = dict(cfg.get("backend") or {"kind": "simulated"})
         backend = make_backend(options.pop("kind"), specs, **options)
-    cache = cfg.get("cache")
-    if cache and cache.get("mode", "off") != "off":
+    cache = cfg.get("cache") or {}
+    if set(cache) - {"mode", "path"}:
+        raise ValueError(f"{where}: unknown key(s) under 'cache': {sorted(set(cache) - {'mode', 'path'})}; allowed: mode, path")
+    if cache.get("mode", "off") != "off":
+        if not cache.get("path"):
+            raise ValueError(f"{where}: cache.mode={cache['mode']!r} needs cache.path (an SQLite file)")
         from envs.candidates.cache import CachedBackend
         backend = CachedBackend(backend, path=cache["path"], mode=cache["mode"])
     return CandidatePool(specs, backend, RequestConfig(**(cfg.get("request") or {})),

@@ -10,7 +10,7 @@ from envs.routeworld.config import (DEFAULT_CANDIDATES, DOMAINS, ONE_HOP, TWO_HO
                                     WorldConfig, easy_world_config)
 from envs.routeworld.oracle import (DEFAULT_COST_BUDGET, OraclePlan, OracleSummary, oracle_plan,
                                     oracle_summary, plan_disagreement)
-from envs.routeworld.script import ScriptedTrajectory, info_block, scripted_trajectory, scripted_turn
+from envs.routeworld.script import ScriptedTrajectory, scripted_trajectory, scripted_turn
 from envs.routeworld.world import DATASET, RELATIONS, World, make_world
 
 __all__ = [
@@ -19,7 +19,7 @@ __all__ = [
     "World", "make_world", "RELATIONS", "DATASET",
     "routeworld_candidates", "routeworld_pool", "answer_query", "extract_reply_answer", "success_probability",
     "UNKNOWN", "oracle_plan", "oracle_summary", "plan_disagreement", "OraclePlan", "OracleSummary",
-    "DEFAULT_COST_BUDGET", "scripted_turn", "scripted_trajectory", "ScriptedTrajectory", "info_block",
+    "DEFAULT_COST_BUDGET", "scripted_turn", "scripted_trajectory", "ScriptedTrajectory",
     "make_world_tokenizer",
 ]
 

@@ -56,9 +56,10 @@ def _uniforms(seed: int, candidate: str, key: str, n: int = 3) -> list[float]:
 
 
 def wrong_answers(world: World, query: Query) -> list[str]:
-    """The plausible wrong answers to `query`: other entities of the answer's kind and split."""
-    split = world.split_of[query.answer]
-    return [e for e in world.entities_of(query.answer_kind, split) if e != query.answer]
+    """The plausible wrong answers to `query`: other entities of the answer's kind, from either split.
+    So a wrong reply during training may name a test entity (every name is then seen as a token a
+    policy copies), while no training question asks about a test entity or states a fact of one."""
+    return [e for e in world.entities_of(query.answer_kind) if e != query.answer]
 
 
 def answer_query(world: World, profile: CandidateProfile, text: str) -> str:

@@ -13,7 +13,7 @@ from envs.candidates.spec import CallRecord
 from envs.routeworld.candidates import UNKNOWN, extract_reply_answer
 from envs.routeworld.oracle import oracle_plan
 from envs.routeworld.world import RELATIONS, World
-from envs.tags import ANSWER, INFO, SEARCH, close_tag, escape_info, open_tag, parse_call, split_blocks
+from envs.tags import ANSWER, SEARCH, info_block, parse_call, split_blocks
 from rewards.answer import normalize_answer
 from rewards.cost import CostNormalizer
 
@@ -91,11 +91,6 @@ class ScriptedTrajectory:
     @property
     def cost(self) -> float:
         return sum(r.cost for r in self.records)
-
-
-def info_block(reply: str) -> str:
-    """A reply as the env inserts it after a `<search>`: escaped, inside `<info>`, on its own line."""
-    return f"\n{open_tag(INFO)} {escape_info(reply).strip()} {close_tag(INFO)}\n"
 
 
 def scripted_trajectory(

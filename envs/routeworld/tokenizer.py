@@ -39,9 +39,11 @@ def make_world_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE (`vocab_size` includes the 256 byte tokens) on `world_texts(world)` and
     `extra_texts` (e.g. the prompt), then add the 8 tag strings and the candidate names as single
-    tokens and the special pad "<|pad|>" and eos "<|endoftext|>". Any text round-trips exactly
-    (`decode(encode(s)) == s`); no special token is added by `encode` and there is no chat template.
-    Test entities never reach the trainer, so their names are split into pieces seen in training."""
+    tokens, every entity name (of both splits) as one token, and the special pad "<|pad|>" and eos
+    "<|endoftext|>". Any text round-trips exactly (`decode(encode(s)) == s`); no special token is
+    added by `encode` and there is no chat template. One token per name lets a tiny model learn to
+    copy a name it has never seen asked about (a multi-token copy needs induction circuits that take
+    far longer to train than the CPU budget allows); test names reach training only as wrong replies."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -50,8 +52,9 @@ def make_world_tokenizer(
     corpus = list(world_texts(world)) + list(extra_texts)
     tok.train_from_iterator(corpus, trainer)
     names = [p.name for p in world.config.candidates]
+    entities = sorted({e for kind in world.entities for e in world.entities_of(kind)}, key=lambda e: (-len(e), e))
     # normalized=False: matched on the raw text; no strip: the spaces around a tag stay ordinary tokens
     tok.add_tokens([AddedToken(s, single_word=False, lstrip=False, rstrip=False, normalized=False)
-                    for s in TAG_STRINGS + tuple(names)])
+                    for s in TAG_STRINGS + tuple(names) + tuple(entities)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, eos_token=EOS,
                                    clean_up_tokenization_spaces=False)

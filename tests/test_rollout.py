@@ -1,0 +1,137 @@
+"""The rollout engine: exact sampling, the simple-path equivalence, batch layout independence, masks."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from agents.batch import build_batch, micro_batches
+from agents.policy import sequence_logprobs
+from agents.rollout import episode_generator, run_rollouts, sample_tokens
+from envs.candidates import CandidatePool, CandidateSpec
+from envs.candidates.simulated import SimulatedBackend
+from envs.episode import EpisodeConfig
+from envs.vector import MultiRouteVectorEnv
+from tiny import tiny_tokenizer
+
+SPECS = [CandidateSpec("Geo-Expert", "geo", 1, 0.2)]
+
+
+def tiny_model(vocab: int, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, intermediate_size=64, initializer_range=0.5)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+
+
+def make_env(tok, max_tokens=12):
+    pool = CandidatePool(SPECS, SimulatedBackend({"Geo-Expert": lambda r: "Tessaly"}))
+    return MultiRouteVectorEnv(tok, pool, EpisodeConfig(max_response_tokens=max_tokens, prompt_template="compact"))
+
+
+EXAMPLES = [{"question": q, "golden_answers": ["x"]} for q in ("Where is Korvan?", "Who is he?", "A much longer question here?")]
+
+
+def test_greedy_is_argmax_and_logprob_is_log_softmax():
+    logits = torch.randn(3, 11)
+    tokens, logp = sample_tokens(logits, 0.0, 1.0, [torch.Generator() for _ in range(3)])
+    assert torch.equal(tokens, logits.argmax(-1))
+    assert torch.allclose(logp, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1))
+
+
+def test_sampling_frequencies_match_the_tempered_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    counts = np.zeros(4)
+    for _ in range(4000):
+        t, _ = sample_tokens(logits, 0.7, 1.0, [g])
+        counts[int(t)] += 1
+    expected = torch.softmax(logits[0] / 0.7, -1).numpy()
+    assert np.abs(counts / counts.sum() - expected).max() < 0.03
+
+
+def test_top_p_never_samples_outside_the_nucleus_and_renormalises():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(1)
+    seen = set()
+    for _ in range(500):
+        t, logp = sample_tokens(logits, 1.0, 0.8, [g])
+        seen.add(int(t))
+        expected = {0: 0.5 / 0.8, 1: 0.3 / 0.8}[int(t)]  # nucleus {0, 1}: 0.5 + 0.3 reaches 0.8
+        assert float(logp.exp()) == pytest.approx(expected, rel=1e-5)
+    assert seen == {0, 1}
+
+
+def test_greedy_rollout_equals_transformers_generate():
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok))
+    env = make_env(tok, max_tokens=10)
+    logps, _ = run_rollouts(model, env, EXAMPLES, 0.0, 1.0, 0, 0, tok.pad_token_id)
+    for ep, lp in zip(env.episodes, logps):
+        ref = model.generate(torch.tensor([ep.prompt_ids]), max_new_tokens=len(ep.response_ids), do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=None)
+        assert ep.response_ids == ref[0, len(ep.prompt_ids):].tolist()
+        # and the engine's log-probs equal a teacher-forced forward of the finished sequence
+        ids = torch.tensor([ep.prompt_ids + ep.response_ids])
+        tf, _ = sequence_logprobs(model, ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None])
+        assert torch.allclose(torch.tensor(lp), tf[0, len(ep.prompt_ids):], atol=1e-4)
+
+
+def test_sampled_episode_does_not_depend_on_batch_layout():
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok))
+    env = make_env(tok)
+    run_rollouts(model, env, EXAMPLES, 1.0, 0.9, seed=7, step=3, pad_id=tok.pad_token_id)
+    together = [e.response_ids for e in env.episodes]
+    alone = []
+    for i, ex in enumerate(EXAMPLES):
+        run_rollouts(model, env, [ex], 1.0, 0.9, seed=7, step=3, pad_id=tok.pad_token_id, index_offset=i)
+        alone.append(env.episodes[0].response_ids)
+    assert together == alone
+
+
+def test_episode_streams_differ_by_step_and_index():
+    a = torch.rand(3, generator=episode_generator(0, 1, 2))
+    assert torch.equal(a, torch.rand(3, generator=episode_generator(0, 1, 2)))
+    assert not torch.equal(a, torch.rand(3, generator=episode_generator(0, 2, 2)))
+    assert not torch.equal(a, torch.rand(3, generator=episode_generator(0, 1, 3)))
+
+
+def test_batch_masks_inserted_tokens_and_places_reward_on_last_action():
+    tok = tiny_tokenizer()
+    env = make_env(tok, max_tokens=64)
+    env.reset(EXAMPLES[:1])
+    ep = env.episodes[0]
+    text = "<think> a </think>\n<search> Geo-Expert: where? </search>"
+    ep.push_many(tok.encode(text, add_special_tokens=False))
+    env.resolve()
+    ep.push_many(tok.encode("<think> b </think>\n<answer> x </answer>", add_special_tokens=False))
+    batch = build_batch([ep], [0.75], [0], [[0.0] * ep.policy_tokens], tok.pad_token_id)
+    n = len(ep.prompt_ids)
+    expected = [0.0] * n + [0.0 if ins else 1.0 for ins in ep.inserted]
+    assert batch.action_mask[0].tolist() == expected
+    last = max(i for i, m in enumerate(expected) if m)
+    assert batch.token_rewards[0, last] == 0.75 and batch.token_rewards.sum() == 0.75
+
+
+def test_micro_batches_respect_the_token_budget_and_keep_rows():
+    tok = tiny_tokenizer()
+    env = make_env(tok)
+    logps, _ = run_rollouts(tiny_model(len(tok)), env, EXAMPLES * 3, 1.0, 1.0, 0, 0, tok.pad_token_id)
+    batch = build_batch(env.episodes, [0.0] * 9, list(range(9)), logps, tok.pad_token_id)
+    pieces = micro_batches(batch, token_budget=60)
+    assert sum(len(p) for p in pieces) == 9
+    assert all(p.input_ids.numel() <= 60 or len(p) == 1 for p in pieces)
+    assert torch.equal(torch.cat([p.group_ids for p in pieces]), batch.group_ids)
+
+
+def test_forced_schedule_makes_a_random_model_call_and_answer():
+    from agents.rollout import ForcedSchedule
+    tok = tiny_tokenizer()
+    env = make_env(tok, max_tokens=80)
+    forced = ForcedSchedule.calls_then_answer(tok, "Geo-Expert", [3, 30], 55)
+    logps, _ = run_rollouts(tiny_model(len(tok)), env, EXAMPLES, 1.0, 1.0, 0, 0, tok.pad_token_id, forced=forced)
+    for ep, lp in zip(env.episodes, logps):
+        if ep.end_reason == "answer":
+            assert len(ep.calls) == 2 and len(lp) == ep.policy_tokens
+    assert any(ep.end_reason == "answer" for ep in env.episodes)
