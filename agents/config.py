@@ -279,14 +279,29 @@ def apply_override(data: dict, override: str) -> None:
     node[parts[-1]] = value
 
 
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML config as a dict; `extends: other.yaml` (relative to this file) is read first and
+    this file's keys are merged over it."""
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the top level must be a mapping")
+    parent = data.pop("extends", None)
+    if parent is not None:
+        data = _deep_merge(read_yaml(Path(path).parent / parent), data)
+    return data
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read YAML (if given), apply overrides, validate everything."""
-    data: dict = {}
-    if path is not None:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: the top level must be a mapping")
+    data: dict = read_yaml(path) if path is not None else {}
     for o in overrides:
         apply_override(data, o)
     try:

@@ -8,6 +8,7 @@ import importlib.util
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, Qwen2Config
 
@@ -121,3 +122,40 @@ def sequence_values(critic: Critic, input_ids, attention_mask, position_ids) -> 
     values = critic(input_ids, attention_mask, position_ids)
     return torch.cat([torch.zeros_like(values[:, :1]), values[:, :-1]], 1)
 
+
+
+def _head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float,
+                   with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = F.linear(hidden, weight).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logz = torch.logsumexp(logits, -1)
+    logp = logits.gather(-1, labels[:, None]).squeeze(-1) - logz
+    ent = logz - (torch.softmax(logits, -1) * logits).sum(-1) if with_entropy else torch.zeros_like(logp)
+    return logp, ent
+
+
+def chunked_sequence_logprobs(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+    temperature: float = 1.0, with_entropy: bool = False, chunk: int = 2048,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`sequence_logprobs` without (tokens x vocab) logits: the trunk's hidden states go through the
+    LM head `chunk` positions at a time, and under autograd each chunk's logits are recomputed in the
+    backward pass instead of kept, so peak memory holds one chunk's float32 logits."""
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False).last_hidden_state
+    B, T, D = hidden.shape
+    flat, labels = hidden[:, :-1].reshape(-1, D), input_ids[:, 1:].reshape(-1)
+    weight = model.get_output_embeddings().weight
+    logps, ents = [], []
+    for start in range(0, flat.shape[0], chunk):
+        args = (flat[start:start + chunk], weight, labels[start:start + chunk], temperature, with_entropy)
+        if torch.is_grad_enabled():
+            lp, ent = torch.utils.checkpoint.checkpoint(_head_logprobs, *args, use_reentrant=False)
+        else:
+            lp, ent = _head_logprobs(*args)
+        logps.append(lp)
+        ents.append(ent)
+    pad = hidden.new_zeros(B, 1, dtype=torch.float32)
+    logp = torch.cat([pad, torch.cat(logps).view(B, T - 1)], 1)
+    return logp, (torch.cat([pad, torch.cat(ents).view(B, T - 1)], 1) if with_entropy else None)

@@ -12,12 +12,17 @@ from envs.episode import GENERATING
 from envs.vector import MultiRouteVectorEnv
 
 
+def episode_seed(seed: int, step: int, index: int) -> int:
+    """The 63-bit key of one episode's sampling stream, from (seed, step, episode index)."""
+    digest = hashlib.blake2b(f"{seed}/{step}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
 def episode_generator(seed: int, step: int, index: int, device: str | torch.device = "cpu") -> torch.Generator:
     """The sampling stream of one episode, keyed by (seed, step, episode index): results do not
     depend on batch layout or on which rank runs the episode."""
-    digest = hashlib.blake2b(f"{seed}/{step}/{index}".encode(), digest_size=8).digest()
     g = torch.Generator(device=device)
-    g.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    g.manual_seed(episode_seed(seed, step, index))
     return g
 
 
@@ -77,14 +82,18 @@ def _left_pad(contexts: list[list[int]], pad_id: int, device) -> tuple[torch.Ten
 @torch.no_grad()
 def run_rollouts(model, env: MultiRouteVectorEnv, examples: list, temperature: float, top_p: float,
                  seed: int, step: int, pad_id: int, index_offset: int = 0,
-                 forced: ForcedSchedule | None = None) -> tuple[list[list[float]], RolloutStats]:
+                 forced: ForcedSchedule | None = None, engine=None) -> tuple[list[list[float]], RolloutStats]:
     """Play one rollout phase: every example's episode, all with the same weights, until all end.
 
     Each segment left-pads the contexts of the running episodes, prefills them once, and decodes
     token by token with the KV cache; an episode leaves the segment when it closes `</search>` or
     `</answer>`, samples EOS, or hits its token limit. Then all pending calls are made concurrently
     and the replies inserted. Returns the sampler's log-prob of every policy token, per episode.
+    `engine` (an `agents.fast_decode.FastEngine` built from `model`) plays the phase instead, with
+    the same results under greedy decoding and its own keyed sampling stream otherwise.
     """
+    if engine is not None:
+        return engine.run(env, examples, temperature, top_p, seed, step, pad_id, index_offset, forced)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

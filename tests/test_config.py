@@ -67,3 +67,10 @@ def test_redaction_hides_secret_values_but_keeps_env_var_names():
     assert out == {"backend": {"api_key": "<redacted>", "api_key_env": "ROUTER_API_KEY", "n": 3},
                    "l": [{"token": "<redacted>"}]}
     assert redacted(load_config(None))["task"]["name"] == "routeworld"
+
+
+def test_extends_merges_over_the_parent(tmp_path):
+    (tmp_path / "base.yaml").write_text("seed: 3\nepisode: {alpha: 0.2, max_turns: 2}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nepisode: {alpha: 0.9}\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert (cfg.seed, cfg.episode.alpha, cfg.episode.max_turns) == (3, 0.9, 2)

@@ -1,0 +1,465 @@
+"""FastEngine: a compact rollout decoder for Qwen2/Llama-shaped causal LMs: fused weights, a static
+KV cache read in place by grouped-query attention, decode bursts captured as one CUDA graph, stop
+detection on the device, and finished episodes' slots refilled with new questions of the phase."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from agents.rollout import ForcedSchedule, RolloutStats, episode_seed
+from envs.episode import GENERATING, eos_token_ids
+from envs.vector import MultiRouteVectorEnv
+
+_M32 = 0xFFFFFFFF
+_NEVER = 1 << 40  # a token count no episode reaches
+
+
+# ---------------------------------------------------------------- sampling
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for 0 <= x < 2^32 in int64 without overflow (c split into 16-bit halves)."""
+    return ((((x * (c >> 16)) & 0xFFFF) << 16) + x * (c & 0xFFFF)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply, the 'lowbias32' constants)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def keyed_uniform(keys: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """U(0, 1) in float64 (53 random bits), a pure function of (episode key, token index): the
+    sample of an episode's n-th token never depends on batch layout, slot or how far others ran."""
+    lo, hi = keys & _M32, (keys >> 32) & _M32
+    x = _mix32(lo ^ _mix32(hi ^ _mix32(counts & _M32)))
+    y = _mix32(x ^ 0x9E3779B9)
+    return (((x << 21) | (y >> 11)).double() + 0.5) / float(1 << 53)
+
+
+def choose_tokens(logits: torch.Tensor, temperature: float, top_p: float, keys: torch.Tensor,
+                  counts: torch.Tensor, win_start: torch.Tensor, win_len: torch.Tensor,
+                  win_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next token of each row (R, V) and its log-probability, as `sample_tokens` defines them.
+
+    T = 0 is greedy. Otherwise an exact sample of softmax(logits / T) over the top-p nucleus (the
+    same nucleus rule as `sample_tokens`) by inverting its CDF (float64 cumulative sums) at one
+    keyed uniform per row; the log-prob is under that renormalised distribution. Rows whose token
+    index `counts` lies in their forced window [win_start, win_start + win_len) write
+    `win_tokens[count - win_start]` instead, with log softmax(logits / T)[token] (T = 1 if greedy).
+    """
+    lf = logits.float()
+    logp = torch.log_softmax(lf / (temperature or 1.0), -1)  # also the forced tokens' distribution
+    if temperature == 0:
+        tokens = lf.argmax(-1)
+        lp = logp.gather(-1, tokens[:, None]).squeeze(-1)
+    else:
+        u = keyed_uniform(keys, counts)[:, None]
+        if top_p < 1.0:
+            sorted_lp, order = logp.sort(-1, descending=True)
+            sorted_p = sorted_lp.exp()
+            keep = (sorted_p.cumsum(-1) - sorted_p) < top_p  # the token that crosses top_p is kept
+            cum = torch.cumsum(sorted_p * keep, -1, dtype=torch.float64)
+            at = torch.searchsorted(cum, u * cum[:, -1:], right=True).clamp(max=lf.shape[-1] - 1)
+            tokens = order.gather(-1, at).squeeze(-1)
+            log_z = torch.logsumexp(sorted_lp.masked_fill(~keep, float("-inf")), -1)
+            lp = sorted_lp.gather(-1, at).squeeze(-1) - log_z
+        else:
+            cum = torch.cumsum(logp.exp(), -1, dtype=torch.float64)
+            tokens = torch.searchsorted(cum, u * cum[:, -1:], right=True).clamp(max=lf.shape[-1] - 1).squeeze(-1)
+            lp = logp.gather(-1, tokens[:, None]).squeeze(-1)
+    at = counts - win_start
+    forced = (at >= 0) & (at < win_len)
+    forced_tokens = win_tokens.gather(-1, at.clamp(0, win_tokens.shape[-1] - 1)[:, None]).squeeze(-1)
+    forced_lp = logp.gather(-1, forced_tokens[:, None]).squeeze(-1)
+    return torch.where(forced, forced_tokens, tokens), torch.where(forced, forced_lp, lp)
+
+
+# ---------------------------------------------------------------- the model
+
+@dataclass
+class LayerWeights:
+    norm1: torch.Tensor
+    qkv: torch.Tensor  # (q + 2 kv heads) * head_dim x hidden: q, k, v projections stacked
+    qkv_bias: torch.Tensor | None
+    out: torch.Tensor
+    norm2: torch.Tensor
+    gate_up: torch.Tensor  # 2 * intermediate x hidden: gate and up projections stacked
+    down: torch.Tensor
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), -1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as transformers' Qwen2/Llama compute it: normalise in float32, cast, then scale."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def decoder_layer(x, norm1, qkv, qkv_bias, out, norm2, gate_up, down, kc, vc, rows, slots, positions, cos, sin,
+                  hidden_mask, kv_len: int, heads: int, kv_heads: int, eps: float) -> torch.Tensor:
+    """One pre-norm decoder layer on x (N, Lq, hidden): fused QKV, RoPE, K/V written into the cache
+    rows `rows` at `positions`, grouped-query attention over the first `kv_len` cache positions
+    (masked by `hidden_mask`), output projection, fused gate-up SwiGLU MLP; residuals in x's dtype."""
+    N, Lq, _ = x.shape
+    d = cos.shape[-1]
+    g = heads // kv_heads
+    h = rms_norm(x, norm1, eps)
+    q, k, v = F.linear(h, qkv, qkv_bias).split([heads * d, kv_heads * d, kv_heads * d], -1)
+    q = q.view(N, Lq, heads, d)
+    k = k.view(N, Lq, kv_heads, d)
+    q = q * cos + _rotate_half(q) * sin
+    k = k * cos + _rotate_half(k) * sin
+    kc[rows[:, None], :, positions] = k  # advanced indices first: (N, Lq, kv_heads, d)
+    vc[rows[:, None], :, positions] = v.view(N, Lq, kv_heads, d)
+    keys, values = kc[:, :, :kv_len], vc[:, :, :kv_len]
+    if slots is not None:
+        keys, values = keys[slots], values[slots]
+    # grouped-query attention read in place: the g query heads of a KV head share its cache rows
+    qg = q.view(N, Lq, kv_heads, g, d).permute(0, 2, 3, 1, 4).reshape(N, kv_heads, g * Lq, d)
+    scores = torch.matmul(qg, keys.transpose(-1, -2)).view(N, kv_heads, g, Lq, kv_len)
+    scores = (scores.float() * d ** -0.5).masked_fill(hidden_mask, float("-inf"))
+    probs = torch.softmax(scores, -1).to(x.dtype).view(N, kv_heads, g * Lq, kv_len)
+    attn = torch.matmul(probs, values).view(N, kv_heads, g, Lq, d)
+    x = x + F.linear(attn.permute(0, 3, 1, 2, 4).reshape(N, Lq, heads * d), out)
+    gate, up = F.linear(rms_norm(x, norm2, eps), gate_up).chunk(2, -1)
+    return x + F.linear(F.silu(gate) * up, down)
+
+
+class FastModel:
+    """The weights of a transformers Qwen2/Llama causal LM, re-laid out for decoding, and its
+    forward pass over a static per-layer KV cache of shape (slots, kv_heads, max_len + 1, head_dim).
+    The last cache position is scratch: padding writes land there and attention never reads it."""
+
+    def __init__(self, model, slots: int, max_len: int):
+        cfg = model.config
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eps = cfg.rms_norm_eps
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        trunk = model.get_decoder()
+        self.embed = trunk.embed_tokens.weight.detach()
+        self.final_norm = trunk.norm.weight.detach()
+        self.lm_head = model.get_output_embeddings().weight.detach()
+        self.layers = []
+        for layer in trunk.layers:
+            a, m = layer.self_attn, layer.mlp
+            biases = [p.bias for p in (a.q_proj, a.k_proj, a.v_proj)]
+            qkv_bias = None if all(b is None for b in biases) else torch.cat(
+                [b.detach() if b is not None else torch.zeros_like(p.weight[:, 0])
+                 for b, p in zip(biases, (a.q_proj, a.k_proj, a.v_proj))])
+            self.layers.append(LayerWeights(
+                layer.input_layernorm.weight.detach(),
+                torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach(), qkv_bias,
+                a.o_proj.weight.detach(), layer.post_attention_layernorm.weight.detach(),
+                torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach(), m.down_proj.weight.detach()))
+        self.slots, self.max_len, self.scratch = slots, max_len, max_len
+        shape = (slots, self.kv_heads, max_len + 1, self.head_dim)
+        self.k_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
+        positions = torch.arange(max_len + 1, device=self.device)[None]
+        probe = torch.zeros(1, device=self.device, dtype=self.dtype)
+        cos, sin = trunk.rotary_emb(probe, positions)  # the model's own RoPE table, in its dtype
+        self.cos, self.sin = cos[0], sin[0]
+        self.compiled_layer = None
+
+    def compile(self) -> None:
+        """Fuse each decode layer's small operations with torch.compile (GPU; one compile per shape,
+        shared by all layers). Prefill stays eager: its shapes change every call."""
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # shapes x buckets
+        self.compiled_layer = torch.compile(decoder_layer, dynamic=False)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None,
+                kv_len: int) -> torch.Tensor:
+        """Final hidden states (N, Lq, hidden) of tokens `ids` (N, Lq) at `positions` (N, Lq) of
+        cache rows `slots` (N,) (None: all rows, in order). Each token's K/V is written into the cache
+        at its position; it attends to cache positions <= its own, among the first `kv_len`.
+        A position equal to `self.scratch` marks padding."""
+        N = ids.shape[0]
+        rows = torch.arange(N, device=ids.device) if slots is None else slots
+        cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
+        keys_at = torch.arange(kv_len, device=ids.device)
+        # (N, 1, 1, Lq, kv_len): key s is visible to the query at position p iff s <= p
+        hidden_mask = (keys_at[None, None, :] > positions[:, :, None])[:, None, None]
+        x = F.embedding(ids, self.embed)
+        layer = self.compiled_layer if (slots is None and self.compiled_layer is not None) else decoder_layer
+        for w, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
+            x = layer(x, w.norm1, w.qkv, w.qkv_bias, w.out, w.norm2, w.gate_up, w.down, kc, vc, rows, slots,
+                      positions, cos, sin, hidden_mask, kv_len, self.heads, self.kv_heads, self.eps)
+        return rms_norm(x, self.final_norm, self.eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head)
+
+
+# ---------------------------------------------------------------- the engine
+
+def handover_ids(tokenizer, vocab_size: int, eos_ids) -> torch.Tensor:
+    """(V,) bool: the tokens after which the env must look: every token whose text contains '>'
+    (a stop tag can only close on one, even merged with its neighbours by BPE) and every EOS id."""
+    n = min(len(tokenizer), vocab_size)
+    texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False)
+    flags = torch.zeros(vocab_size, dtype=torch.bool)
+    flags[:n] = torch.tensor([">" in t for t in texts])
+    flags[list(eos_ids)] = True
+    return flags
+
+
+def forced_windows(forced: ForcedSchedule | None) -> list[tuple[int, list[int]]]:
+    """The forced chunks in the order `run_rollouts` writes them: a chunk starting inside an earlier
+    chunk's tokens is never used."""
+    windows, end = [], 0
+    for start in sorted(forced.chunks if forced else {}):
+        if start >= end and forced.chunks[start]:
+            windows.append((start, list(forced.chunks[start])))
+            end = start + len(forced.chunks[start])
+    return windows
+
+
+@dataclass
+class Slot:
+    """Host view of one cache row: its episode, the last chosen token (not yet in the cache) and
+    that token's position."""
+
+    episode: int | None = None
+    token: int = 0
+    pos: int = 0
+
+
+class FastEngine:
+    """Runs rollout phases with `FastModel`: `slots` episodes decode together; a slot whose episode
+    ends takes the next waiting one. The device decodes `burst` tokens per call (one CUDA graph
+    replay on GPU, eager on CPU) and freezes a row as soon as it samples a handover token or reaches
+    its stop count, so Python sees every token once, in batches, and acts only at stops.
+
+    Use `run(...)` directly or `run_rollouts(..., engine=engine)`: same arguments, same results
+    as the simple path (token for token with greedy decoding)."""
+
+    def __init__(self, model, tokenizer, slots: int, max_len: int, burst: int = 16, bucket: int = 256,
+                 prefill_tokens: int = 16384, use_graphs: bool | None = None, compile: bool = True,
+                 extra_eos_ids=()):
+        self.net = FastModel(model, slots, max_len + burst + 1)
+        self.max_len, self.burst, self.bucket, self.prefill_tokens = max_len, burst, bucket, prefill_tokens
+        dev = self.net.device
+        self.use_graphs = (dev.type == "cuda") if use_graphs is None else use_graphs
+        if self.use_graphs and compile:
+            self.net.compile()
+        vocab = self.net.lm_head.shape[0]
+        self.handover = handover_ids(tokenizer, vocab, eos_token_ids(tokenizer, extra_eos_ids)).to(dev)
+        B = slots
+        z = lambda dtype=torch.long: torch.zeros(B, dtype=dtype, device=dev)
+        self.tok, self.pos, self.count, self.stop_at, self.key = z(), z(), z(), z(), z()
+        self.win_start, self.win_len, self.active = z(), z(), z(torch.bool)
+        self.win_tokens = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        self.out_tok = torch.zeros(B, burst, dtype=torch.long, device=dev)
+        self.out_lp = torch.zeros(B, burst, dtype=torch.float, device=dev)
+        self.out_valid = torch.zeros(B, burst, dtype=torch.bool, device=dev)
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+        self.timings = {"prefill_s": 0.0, "decode_s": 0.0, "env_s": 0.0}  # wall time of each part of `run`
+
+    # -- device side
+
+    def _step(self, j: int, kv_len: int, temperature: float, top_p: float) -> None:
+        """One decode step for every row: write `tok` at `pos`, choose the next token, advance the
+        active rows, and freeze rows that chose a handover token or reached their stop count."""
+        hidden = self.net.forward(self.tok[:, None], self.pos[:, None], None, kv_len)
+        logits = self.net.logits(hidden[:, 0])
+        nxt, lp = choose_tokens(logits, temperature, top_p, self.key, self.count, self.win_start,
+                                self.win_len, self.win_tokens)
+        act = self.active
+        self.out_tok[:, j] = nxt
+        self.out_lp[:, j] = lp
+        self.out_valid[:, j] = act
+        self.tok.copy_(torch.where(act, nxt, self.tok))
+        self.pos.add_(act.long())
+        self.count.add_(act.long())
+        self.active.copy_(act & ~self.handover[nxt] & (self.count < self.stop_at))
+
+    def _burst(self, kv_len: int, temperature: float, top_p: float) -> None:
+        for j in range(self.burst):
+            self._step(j, kv_len, temperature, top_p)
+
+    def _decode(self, kv_len: int, temperature: float, top_p: float) -> None:
+        if not self.use_graphs:
+            return self._burst(kv_len, temperature, top_p)
+        key = (kv_len, temperature, top_p, self.win_tokens.shape[1])
+        if key not in self.graphs:
+            saved = [t.clone() for t in (self.tok, self.pos, self.count, self.active)]
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._burst(kv_len, temperature, top_p)  # warm-up outside the capture
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self._burst(kv_len, temperature, top_p)
+            self.pool = graph.pool()
+            self.graphs[key] = graph
+            for t, s in zip((self.tok, self.pos, self.count, self.active), saved):
+                t.copy_(s)
+        self.graphs[key].replay()
+
+    # -- host side
+
+    def _upload(self, slots: list[Slot], env: MultiRouteVectorEnv, keys: list[int],
+                windows: list[tuple[int, list[int]]]) -> None:
+        """Write the host's view of every row into the device buffers."""
+        limit = env.cfg.max_response_tokens
+        rows = {name: [] for name in ("tok", "pos", "count", "active", "stop_at", "key", "win_start", "win_len")}
+        win_rows = []
+        for s in slots:
+            ep = env.episodes[s.episode] if s.episode is not None else None
+            if ep is not None and s.pos >= self.max_len:
+                raise ValueError(f"episode {s.episode} reached position {s.pos}; FastEngine max_len={self.max_len}")
+            running = ep is not None and ep.state == GENERATING
+            count = ep.policy_tokens if ep is not None else 0
+            start, chunk, stop = _window_at(windows, count)
+            rows["tok"].append(s.token)
+            rows["pos"].append(s.pos if ep is not None else self.net.scratch - self.burst)
+            rows["count"].append(count)
+            rows["active"].append(running)
+            rows["stop_at"].append(min(limit, stop))
+            rows["key"].append(keys[s.episode] if ep is not None else 0)
+            rows["win_start"].append(start)
+            rows["win_len"].append(len(chunk))
+            win_rows.append(chunk)
+        width = max(1, max(len(c) for c in win_rows))
+        if self.win_tokens.shape[1] != width:
+            self.win_tokens = torch.zeros(len(slots), width, dtype=torch.long, device=self.net.device)
+        self.win_tokens.copy_(torch.tensor([c + [0] * (width - len(c)) for c in win_rows]))
+        for name, values in rows.items():
+            getattr(self, name).copy_(torch.tensor(values, dtype=getattr(self, name).dtype))
+
+    def _prefill(self, jobs: list[tuple[int, Slot, list[int], int]], env, keys, windows,
+                 temperature: float, top_p: float) -> list[tuple[int, int, float]]:
+        """Append ids into the cache rows of the given slots (prompts, or a last token plus the env's
+        `<info>` ids), then choose each slot's next token. jobs: (row, slot, ids, start position).
+        Returns (row, token, log-prob) per job."""
+        chosen = []
+        dev = self.net.device
+        i = 0
+        while i < len(jobs):  # groups of at most `prefill_tokens` padded tokens
+            group = [jobs[i]]
+            i += 1
+            while i < len(jobs) and (len(group) + 1) * max(len(j[2]) for j in group + [jobs[i]]) <= self.prefill_tokens:
+                group.append(jobs[i])
+                i += 1
+            width = max(len(j[2]) for j in group)
+            ids = torch.zeros(len(group), width, dtype=torch.long)
+            positions = torch.full((len(group), width), self.net.scratch, dtype=torch.long)
+            for r, (_, _, seq, start) in enumerate(group):
+                if start + len(seq) > self.max_len:
+                    raise ValueError(f"episode needs {start + len(seq)} cache positions; FastEngine max_len={self.max_len}")
+                ids[r, :len(seq)] = torch.tensor(seq)
+                positions[r, :len(seq)] = torch.arange(start, start + len(seq))
+            rows = torch.tensor([j[0] for j in group], device=dev)
+            kv_len = max(j[3] + len(j[2]) for j in group)
+            hidden = self.net.forward(ids.to(dev), positions.to(dev), rows, kv_len)
+            last = torch.tensor([len(j[2]) - 1 for j in group], device=dev)
+            logits = self.net.logits(hidden[torch.arange(len(group), device=dev), last])
+            counts, starts, lens, chunks = [], [], [], []
+            for _, s, _, _ in group:
+                count = env.episodes[s.episode].policy_tokens
+                start, chunk, _ = _window_at(windows, count)
+                counts.append(count), starts.append(start), lens.append(len(chunk)), chunks.append(chunk)
+            width = max(1, max(len(c) for c in chunks))
+            as_dev = lambda v: torch.tensor(v, dtype=torch.long, device=dev)
+            tokens, lps = choose_tokens(logits, temperature, top_p, as_dev([keys[s.episode] for _, s, _, _ in group]),
+                                        as_dev(counts), as_dev(starts), as_dev(lens),
+                                        as_dev([c + [0] * (width - len(c)) for c in chunks]))
+            chosen += [(j[0], t, lp) for j, t, lp in zip(group, tokens.tolist(), lps.tolist())]
+        return chosen
+
+    @torch.no_grad()
+    def run(self, env: MultiRouteVectorEnv, examples: list, temperature: float, top_p: float, seed: int,
+            step: int, pad_id: int, index_offset: int = 0,
+            forced: ForcedSchedule | None = None) -> tuple[list[list[float]], RolloutStats]:
+        """Play one rollout phase (see `run_rollouts`); returns the sampler's log-prob of every policy
+        token, per episode. `pad_id` is unused: the cache is never padded."""
+        env.reset(examples)
+        n = len(examples)
+        keys = [episode_seed(seed, step, index_offset + i) for i in range(n)]
+        windows = forced_windows(forced)
+        logps: list[list[float]] = [[] for _ in range(n)]
+        stats = RolloutStats()
+        waiting = deque(range(n))
+        slots = [Slot() for _ in range(self.net.slots)]
+
+        def accept(s: Slot, token: int, lp: float) -> bool:
+            """Push one chosen token of slot s's episode; True while the episode keeps generating."""
+            logps[s.episode].append(lp)
+            stats.generated_tokens += 1
+            return env.push(s.episode, token) == GENERATING
+
+        while True:
+            # settle every slot that is not generating: refill finished ones, insert replies
+            jobs = []
+            for row, s in enumerate(slots):
+                ep = env.episodes[s.episode] if s.episode is not None else None
+                if ep is None or ep.done:
+                    s.episode = waiting.popleft() if waiting else None
+                    if s.episode is not None:
+                        jobs.append((row, s, list(env.episodes[s.episode].prompt_ids), 0))
+            calling = [s for s in slots if s.episode is not None and env.episodes[s.episode].state != GENERATING
+                       and not env.episodes[s.episode].done]
+            if calling:
+                inserted = env.resolve()  # every calling episode's call, concurrently
+                for s in calling:
+                    jobs.append((slots.index(s), s, [s.token] + inserted.get(s.episode, []), s.pos))
+            if jobs:
+                stats.segments += 1
+                t0 = time.perf_counter()
+                chosen = self._prefill(jobs, env, keys, windows, temperature, top_p)
+                self.timings["prefill_s"] += time.perf_counter() - t0
+                for row, token, lp in chosen:
+                    s = slots[row]
+                    s.pos = next(j[3] + len(j[2]) for j in jobs if j[0] == row)
+                    s.token = token
+                    accept(s, token, lp)
+                continue  # a chosen token may itself stop its episode: settle again
+            running = [s for s in slots if s.episode is not None]
+            if not running:
+                break
+            # decode a burst on the device
+            t0 = time.perf_counter()
+            self._upload(slots, env, keys, windows)
+            top = max(s.pos for s in running) + self.burst + 1
+            kv_len = min(self.net.scratch, -(-top // self.bucket) * self.bucket)
+            self._decode(kv_len, temperature, top_p)
+            out_tok, out_lp, valid = (t.cpu().tolist() for t in (self.out_tok, self.out_lp, self.out_valid))
+            t1 = time.perf_counter()
+            self.timings["decode_s"] += t1 - t0
+            for row, s in enumerate(slots):
+                if s.episode is None:
+                    continue
+                for j in range(self.burst):
+                    if not valid[row][j]:
+                        break
+                    s.token, s.pos = out_tok[row][j], s.pos + 1
+                    if not accept(s, s.token, out_lp[row][j]):
+                        break  # later tokens of this row (if any) are discarded; the cache is overwritten
+            self.timings["env_s"] += time.perf_counter() - t1
+        return logps, stats
+
+
+def _window_at(windows: list[tuple[int, list[int]]], count: int) -> tuple[int, list[int], int]:
+    """The forced window in force at token index `count` (or the next one), and the count at which
+    the device must stop so the host can load the window after it."""
+    for k, (start, chunk) in enumerate(windows):
+        if start + len(chunk) > count:
+            stop = windows[k + 1][0] if k + 1 < len(windows) else _NEVER
+            return start, chunk, stop
+    return _NEVER, [], _NEVER

@@ -1,0 +1,77 @@
+"""CPU benchmark: the cost of `MultiRouteEnv.step()` per policy token at episode lengths 100, 1000
+and 4000 tokens, with a simulated candidate call every few hundred tokens; it should stay flat.
+
+    python -m bench.env_step
+"""
+
+from __future__ import annotations
+
+import time
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from bench.common import table, write_results
+from envs.candidates import CandidatePool, CandidateSpec
+from envs.candidates.simulated import SimulatedBackend
+from envs.env import MultiRouteEnv
+from envs.episode import EpisodeConfig
+
+CORPUS = ["<think> I should ask the expert about the river. </think> <search> Expert: Where is Korvan? </search>",
+          "<info> Korvan is in Tessaly. </info> <answer> Tessaly </answer> the north sea river town people"]
+
+
+def tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|pad|>", "<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 5, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|endoftext|>")
+
+
+def episode_tokens(tok, length: int, every: int) -> list[int]:
+    """Policy tokens of one episode: thinking text with a `<search>` call every `every` tokens,
+    ending in an answer at about `length` tokens."""
+    think = tok.encode(" the river runs north to the sea", add_special_tokens=False)
+    call = tok.encode(" </think>\n<search> Expert: Where is Korvan? </search>", add_special_tokens=False)
+    answer = tok.encode(" </think>\n<answer> Tessaly </answer>", add_special_tokens=False)
+    ids = tok.encode("<think>", add_special_tokens=False)
+    since = 0
+    while len(ids) < length - len(answer):
+        if since >= every:
+            ids += call + tok.encode("<think>", add_special_tokens=False)
+            since = 0
+        ids += think
+        since += len(think)
+    return ids + answer
+
+
+def main() -> None:
+    tok = tokenizer()
+    pool = CandidatePool([CandidateSpec("Expert", "expert", 7, 0.3)],
+                         SimulatedBackend({"Expert": lambda r: "Korvan is in Tessaly."}))
+    env = MultiRouteEnv(tok, pool, config=EpisodeConfig(max_response_tokens=10_000, max_turns=100, prompt_template="compact"))
+    rows = []
+    for length in (100, 1000, 4000):
+        actions = episode_tokens(tok, length, every=300)
+        best = float("inf")
+        for _ in range(3):
+            env.reset(seed=0, options={"question": "Where is Korvan?", "golden_answers": ["Tessaly"]})
+            t = time.perf_counter()
+            for a in actions:
+                _, _, terminated, _, info = env.step(a)
+                if terminated:
+                    break
+            best = min(best, time.perf_counter() - t)
+        rows.append({"episode_tokens": len(actions), "calls": info["n_calls"], "us_per_step": 1e6 * best / len(actions)})
+    base = rows[0]["us_per_step"]
+    for r in rows:
+        r["x_of_100"] = r["us_per_step"] / base
+    print(table(rows, ["episode_tokens", "calls", "us_per_step", "x_of_100"]))
+    print(f"wrote {write_results('env_step', {'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()

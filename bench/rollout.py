@@ -1,0 +1,206 @@
+"""Rollout benchmark: FastEngine against transformers `generate` on random Qwen2.5-shaped models,
+pure decode and multi-turn end to end, as ratios to the decode limit measured in the same run.
+
+    python -m bench.rollout [--shapes 0.5b,1.5b,3b] [--prompt 256] [--new 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from agents.fast_decode import FastEngine
+from agents.policy import sequence_logprobs
+from agents.rollout import ForcedSchedule, run_rollouts
+from bench.common import (
+    copy_bandwidth,
+    n_params,
+    random_qwen,
+    table,
+    time_cuda,
+    write_results,
+)
+from envs.candidates import CandidatePool, CandidateSpec
+from envs.candidates.simulated import SimulatedBackend
+from envs.episode import EpisodeConfig
+from envs.vector import MultiRouteVectorEnv
+
+CORPUS = ["<think> I should ask the expert. </think> <search> Expert: In which country is Korvan? </search>",
+          "<info> Korvan is in Tessaly, a small country of the north. </info> <answer> Tessaly </answer>",
+          "Answer the question below using the candidate models. Where is Paris? The answer is France."]
+REPLY = "Korvan is a town in Tessaly; its river runs north to the sea and its people speak Tessalian."
+
+
+def bench_tokenizer() -> PreTrainedTokenizerFast:
+    """A small byte-level BPE built inline; ids past its vocabulary decode to nothing, as a
+    checkpoint's padded vocabulary slots do, so the model keeps Qwen's 151,936-way head."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<|pad|>", "<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 5, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|endoftext|>")
+
+
+def make_env(tok, max_new: int) -> MultiRouteVectorEnv:
+    pool = CandidatePool([CandidateSpec("Expert", "expert", 7, 0.3)], SimulatedBackend({"Expert": lambda r: REPLY}))
+    return MultiRouteVectorEnv(tok, pool, EpisodeConfig(max_response_tokens=max_new, prompt_template="compact",
+                                                        max_info_tokens=64))
+
+
+def examples_with_prompt(tok, env, n: int, prompt_len: int) -> list[dict]:
+    """n questions whose prompts are about `prompt_len` tokens long."""
+    words = []
+    while True:
+        words.append(f"w{len(words) % 97}")
+        ex = {"question": "Where is Korvan? " + " ".join(words), "golden_answers": ["Tessaly"]}
+        if len(env.reset([ex])[0]) >= prompt_len:
+            break
+    return [dict(ex, question=f"{i}: " + ex["question"]) for i in range(n)]
+
+
+def decode_limit(model, batch: int, mean_kv: float, bandwidth: float) -> tuple[float, float]:
+    """(bytes read per decode step, tokens/s if a step only read weights and the filled KV cache)."""
+    c = model.config
+    weight_bytes = n_params(model) * 2
+    kv_bytes = batch * mean_kv * c.num_hidden_layers * 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 2
+    step_bytes = weight_bytes + kv_bytes
+    return step_bytes, batch / (step_bytes / bandwidth)
+
+
+def hf_generate(model, ids, new: int, cache: str | None) -> float:
+    """Seconds for `generate` of `new` tokens after `ids` (greedy, no early stop)."""
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None)
+    if cache:
+        kw["cache_implementation"] = cache
+    model.generate(ids[:, :16], **dict(kw, max_new_tokens=8, min_new_tokens=8))  # warm-up
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def pure_decode(engine: FastEngine, batch: int, prompt: int, new: int) -> float:
+    """Median seconds per decode step with every row active at mid-episode length (graph replays)."""
+    kv = prompt + new // 2
+    engine.pos.fill_(kv)
+    engine.count.zero_()
+    engine.stop_at.fill_(1 << 40)
+    engine.win_start.fill_(1 << 40)
+    engine.win_len.zero_()
+    engine.tok.random_(0, 400)
+    handover = engine.handover.clone()
+    engine.handover.zero_()  # keep every row active for the timing
+
+    def burst():
+        engine.pos.fill_(kv)
+        engine.active.fill_(True)
+        engine._decode(-(-(kv + engine.burst + 1) // engine.bucket) * engine.bucket, 1.0, 1.0)
+    sec = time_cuda(burst, repeats=10) / engine.burst
+    engine.handover.copy_(handover)
+    return sec
+
+
+def run_shape(shape: str, batch: int, prompt: int, new: int, bandwidth: float, tok, hf: bool) -> dict:
+    torch.manual_seed(0)
+    model = random_qwen(shape)
+    row = {"shape": shape, "batch": batch, "params_M": n_params(model) / 1e6}
+    step_bytes, limit = decode_limit(model, batch, prompt + new / 2, bandwidth)
+    row.update(limit_tok_s=limit, step_MB=step_bytes / 1e6)
+    if hf:
+        ids = torch.randint(2, 400, (batch, prompt), device="cuda")
+        for cache in (None, "static"):
+            sec = hf_generate(model, ids, new, cache)
+            row[f"hf_{cache or 'default'}_tok_s"] = batch * new / sec
+    # pure decode: one CUDA graph per burst, all rows active
+    env = make_env(tok, new)
+    torch.cuda.reset_peak_memory_stats()
+    engine = FastEngine(model, tok, slots=batch, max_len=prompt + new + 256, burst=16)
+    sec = pure_decode(engine, batch, prompt, new)
+    row.update(decode_ms=sec * 1e3, decode_tok_s=batch / sec, decode_pct_limit=100 * batch / sec / limit)
+    # end to end: two waves of episodes, calls at set positions, replies inserted, slots refilled
+    examples = examples_with_prompt(tok, env, 2 * batch, prompt)
+    forced = ForcedSchedule.calls_then_answer(tok, "Expert", [new // 5, new // 2], new - 24)
+    run_rollouts(model, env, examples[:batch], 1.0, 1.0, 0, 0, 0, forced=forced, engine=engine)  # warm-up: graphs
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    logps, stats = run_rollouts(model, env, examples, 1.0, 1.0, 0, 1, 0, forced=forced, engine=engine)
+    torch.cuda.synchronize()
+    sec = time.perf_counter() - t
+    eps = env.episodes
+    row.update(e2e_tok_s=stats.generated_tokens / sec, e2e_pct_limit=100 * stats.generated_tokens / sec / limit,
+               e2e_s=sec, calls_per_ep=float(np.mean([len(e.calls) for e in eps])),
+               policy_tokens=stats.generated_tokens, inserted_tokens=sum(sum(e.inserted) for e in eps),
+               mem_GB=torch.cuda.max_memory_allocated() / 2**30, timings=dict(engine.timings))
+    if hf:
+        row["x_hf_default"] = row["e2e_tok_s"] / row["hf_default_tok_s"]
+        row["x_hf_static"] = row["e2e_tok_s"] / row["hf_static_tok_s"]
+    # the sampler's log-probs against a training forward of the finished sequences
+    diffs = []
+    for e, lp in list(zip(eps, logps))[:16]:
+        ids = torch.tensor([e.prompt_ids + e.response_ids], device="cuda")
+        tf, _ = sequence_logprobs(model, ids, torch.ones_like(ids), torch.arange(ids.shape[1], device="cuda")[None])
+        policy = torch.tensor([not x for x in e.inserted], device="cuda")
+        diffs.append((tf[0, len(e.prompt_ids):][policy] - torch.tensor(lp, device="cuda")).abs())
+    d = torch.cat(diffs).float()
+    row.update(logp_mismatch_mean=float(d.mean()), logp_mismatch_p99=float(d.quantile(0.99)))
+    del engine, model
+    torch.cuda.empty_cache()
+    return row
+
+
+def check_graphs_match_eager(tok) -> dict:
+    """On the GPU: the CUDA-graph engine's greedy episodes equal the simple path's (float32 model)."""
+    torch.manual_seed(0)
+    model = random_qwen("0.5b", dtype=torch.float32)
+    env = make_env(tok, 96)
+    examples = examples_with_prompt(tok, env, 12, 64)
+    forced = ForcedSchedule.calls_then_answer(tok, "Expert", [10, 40], 70)
+    ref, _ = run_rollouts(model, env, examples, 0.0, 1.0, 0, 0, 0, forced=forced)
+    ref_ids = [e.response_ids for e in env.episodes]
+    engine = FastEngine(model, tok, slots=5, max_len=512, burst=8, bucket=128)
+    got, _ = run_rollouts(model, env, examples, 0.0, 1.0, 0, 0, 0, forced=forced, engine=engine)
+    same = sum(a == e.response_ids for a, e in zip(ref_ids, env.episodes))
+    err = max(float((torch.tensor(a) - torch.tensor(b)).abs().max()) for a, b in zip(ref, got))
+    del model, engine
+    torch.cuda.empty_cache()
+    return {"episodes": len(examples), "identical": same, "max_logp_diff": err,
+            "calls": sum(len(e.calls) for e in env.episodes)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shapes", default="0.5b:64,1.5b:64,3b:64,3b:128", help="shape:batch pairs")
+    p.add_argument("--prompt", type=int, default=256)
+    p.add_argument("--new", type=int, default=256)
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers generate baselines")
+    p.add_argument("--check", action="store_true", help="first check graphs against the eager path")
+    args = p.parse_args()
+    tok = bench_tokenizer()
+    check = check_graphs_match_eager(tok) if args.check else None
+    if check:
+        print("graph vs simple path (greedy, float32):", check, flush=True)
+    bandwidth = copy_bandwidth()
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
+    rows = []
+    for item in args.shapes.split(","):
+        shape, batch = item.split(":")
+        rows.append(run_shape(shape, int(batch), args.prompt, args.new, bandwidth, tok, not args.no_hf))
+        print(rows[-1], flush=True)
+    cols = ["shape", "batch", "limit_tok_s", "hf_default_tok_s", "hf_static_tok_s", "decode_ms", "decode_tok_s",
+            "decode_pct_limit", "e2e_tok_s", "e2e_pct_limit", "x_hf_default", "x_hf_static", "mem_GB",
+            "logp_mismatch_mean", "logp_mismatch_p99"]
+    print(table(rows, cols))
+    path = write_results("rollout", {"check": check, "copy_bandwidth_Bps": bandwidth, "prompt": args.prompt, "new": args.new, "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""PPO update benchmark (actor + critic, Qwen2.5-1.5B shape): our loss path (length-bucketed
+micro-batches, chunked log-probs, optional gradient checkpointing) against a plain PyTorch step
+(padded micro-batches, full float32 logits), as achieved FLOP/s over the measured bf16 matmul rate.
+
+    python -m bench.update [--shape 1.5b] [--sequences 64] [--tokens 8192] [--checkpointing]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from agents.losses import agg_loss, policy_loss, value_loss
+from agents.policy import Critic, chunked_sequence_logprobs
+from bench.common import matmul_rate, n_params, random_qwen, table, write_results
+
+
+def model_flops(actor, critic, lengths: list[int]) -> float:
+    """6 x params x tokens for each model (forward + backward), plus causal attention 6 L h T^2
+    per sequence for each model; recomputation from checkpointing is not counted."""
+    c = actor.config
+    tokens = sum(lengths)
+    attn = sum(6 * c.num_hidden_layers * c.hidden_size * n * n for n in lengths)
+    return 6 * (n_params(actor) + n_params(critic)) * tokens + 2 * attn
+
+
+def padded(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long, device="cuda")
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = s, 1
+    return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def plain_logprobs(actor, ids, mask, pos):
+    """The plain path: full (B, T, V) logits, float32 log-softmax over the whole vocabulary."""
+    logits = actor(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], -1)
+    ent = -(logp.exp() * logp).sum(-1)
+    lp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    z = torch.zeros_like(lp[:, :1])
+    return torch.cat([z, lp], 1), torch.cat([z, ent], 1)
+
+
+def ours_logprobs(actor, ids, mask, pos):
+    return chunked_sequence_logprobs(actor, ids, mask, pos, with_entropy=True)
+
+
+def step(actor, critic, opts, groups, logprob_fn) -> None:
+    """One optimizer step over all micro-batches (token-mean over all action tokens)."""
+    denom = float(sum(sum(len(s) for s in g) for g in groups))
+    for g in groups:
+        ids, mask, pos = padded(g)
+        logp, ent = logprob_fn(actor, ids, mask, pos)
+        old = logp.detach() + 0.01 * torch.randn_like(logp)
+        adv = torch.randn_like(logp)
+        pg, _ = policy_loss(logp, old, adv, 0.2, None)
+        loss = agg_loss(pg, mask.float(), "token-mean", denom) - 1e-3 * agg_loss(ent, mask.float(), "token-mean", denom)
+        loss.backward()
+        v = critic(ids, mask, pos).float()
+        vl = value_loss(v, v.detach() + 0.1, torch.randn_like(v), 0.5)
+        agg_loss(vl, mask.float(), "token-mean", denom).backward()
+    for o in opts:
+        o.step()
+        o.zero_grad(set_to_none=True)
+
+
+def groups_of(seqs, budget: int, sort: bool) -> list[list[torch.Tensor]]:
+    """Micro-batches of at most `budget` padded tokens, in the given order or sorted by length."""
+    order = sorted(seqs, key=len) if sort else seqs
+    out, cur = [], []
+    for s in order:
+        if cur and max(len(x) for x in cur + [s]) * (len(cur) + 1) > budget:
+            out.append(cur)
+            cur = []
+        cur.append(s)
+    return out + [cur]
+
+
+def measure(name, actor, critic, seqs, budget, sort, logprob_fn, peak, repeats: int = 3) -> dict:
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-6, fused=True) for m in (actor, critic)]
+    groups = groups_of(seqs, budget, sort)
+    step(actor, critic, opts, groups, logprob_fn)  # warm-up (optimizer state, kernels)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        step(actor, critic, opts, groups, logprob_fn)
+    torch.cuda.synchronize()
+    sec = (time.perf_counter() - t) / repeats
+    lengths = [len(s) for s in seqs]
+    padded_tokens = sum(len(g) * max(len(s) for s in g) for g in groups)
+    flops = model_flops(actor, critic, lengths)
+    del opts
+    torch.cuda.empty_cache()
+    return {"path": name, "step_s": sec, "tokens": sum(lengths), "padding_pct": 100 * (1 - sum(lengths) / padded_tokens),
+            "micro_batches": len(groups), "tok_s": sum(lengths) / sec, "TFLOP_s": flops / sec / 1e12,
+            "mfu_pct": 100 * flops / sec / peak, "mem_GB": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="1.5b")
+    p.add_argument("--sequences", type=int, default=64)
+    p.add_argument("--min-len", type=int, default=256)
+    p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--tokens", type=int, default=8192, help="padded tokens per micro-batch")
+    args = p.parse_args()
+    peak = matmul_rate()
+    print(f"bf16 matmul {peak / 1e12:.0f} TFLOP/s", flush=True)
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(args.min_len, args.max_len + 1, (args.sequences,), generator=g).tolist()
+    seqs = [torch.randint(2, 150000, (n,), generator=g).cuda() for n in lengths]
+    torch.manual_seed(0)
+    actor = random_qwen(args.shape).train()
+    critic = Critic(actor.config, random_qwen(args.shape).get_decoder()).cuda().to(torch.bfloat16).train()
+    rows = [measure("plain: padded, full fp32 logits", actor, critic, seqs, args.tokens, False, plain_logprobs, peak)]
+    print(rows[-1], flush=True)
+    rows.append(measure("ours: length-bucketed, chunked logprobs", actor, critic, seqs, args.tokens, True, ours_logprobs, peak))
+    print(rows[-1], flush=True)
+    for m in (actor, critic.trunk):
+        m.gradient_checkpointing_enable()
+    rows.append(measure("ours + gradient checkpointing, 2x tokens", actor, critic, seqs, 2 * args.tokens, True,
+                        ours_logprobs, peak))
+    print(rows[-1], flush=True)
+    print(table(rows, ["path", "step_s", "tokens", "padding_pct", "micro_batches", "tok_s", "TFLOP_s", "mfu_pct", "mem_GB"]))
+    path = write_results("update", {"shape": args.shape, "matmul_Fps": peak, "lengths": lengths, "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

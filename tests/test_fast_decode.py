@@ -1,0 +1,138 @@
+"""The fast rollout engine computes what the simple path computes: same greedy episodes and
+log-probs (with calls, inserted replies and refilled slots), an exact keyed sampler, and the
+chunked log-prob path equal to the plain one."""
+
+import numpy as np
+import pytest
+import torch
+from tiny import tiny_tokenizer
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from agents.fast_decode import FastEngine, choose_tokens, keyed_uniform
+from agents.policy import chunked_sequence_logprobs, sequence_logprobs
+from agents.rollout import ForcedSchedule, run_rollouts
+from envs.candidates import CandidatePool, CandidateSpec
+from envs.candidates.simulated import SimulatedBackend
+from envs.episode import EpisodeConfig
+from envs.vector import MultiRouteVectorEnv
+
+QUESTIONS = ("Where is Korvan?", "Who is he?", "A much longer question about the north?", "Why?", "When is it?")
+EXAMPLES = [{"question": q, "golden_answers": ["x"]} for q in QUESTIONS]
+
+
+def tiny_model(vocab: int):
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, initializer_range=0.5)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+
+
+def make_env(tok, max_tokens):
+    pool = CandidatePool([CandidateSpec("Geo-Expert", "geo", 1, 0.2)],
+                         SimulatedBackend({"Geo-Expert": lambda r: "Tessaly, in the north"}))
+    return MultiRouteVectorEnv(tok, pool, EpisodeConfig(max_response_tokens=max_tokens, prompt_template="compact"))
+
+
+def both_paths(forced, temperature=0.0, max_tokens=40, slots=2):
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok))
+    env = make_env(tok, max_tokens)
+    ref_lp, _ = run_rollouts(model, env, EXAMPLES, temperature, 1.0, 0, 0, tok.pad_token_id, forced=forced)
+    ref = [(e.response_ids, e.inserted, e.end_reason, len(e.calls)) for e in env.episodes]
+    engine = FastEngine(model, tok, slots=slots, max_len=256, burst=4, bucket=32)
+    lp, _ = run_rollouts(model, env, EXAMPLES, temperature, 1.0, 0, 0, tok.pad_token_id, forced=forced, engine=engine)
+    got = [(e.response_ids, e.inserted, e.end_reason, len(e.calls)) for e in env.episodes]
+    return ref, got, ref_lp, lp, tok, model, env
+
+
+def test_greedy_episodes_and_logprobs_equal_the_simple_path():
+    ref, got, ref_lp, lp, *_ = both_paths(None)
+    assert got == ref
+    for a, b in zip(ref_lp, lp):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)
+
+
+def test_multi_turn_with_inserted_replies_and_refilled_slots_equals_the_simple_path():
+    tok = tiny_tokenizer()
+    forced = ForcedSchedule.calls_then_answer(tok, "Geo-Expert", [3, 25], 45)
+    ref, got, ref_lp, lp, *_ = both_paths(forced, max_tokens=70, slots=2)  # 5 episodes through 2 slots
+    assert got == ref
+    assert sum(r[3] for r in got) >= 5 and all(any(r[1]) for r in got)  # calls made, replies inserted
+    for a, b in zip(ref_lp, lp):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)
+
+
+def test_sampled_logprobs_match_a_teacher_forced_forward_and_do_not_depend_on_slots():
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok))
+    env = make_env(tok, 30)
+    runs = []
+    for slots in (1, 3, 5):
+        engine = FastEngine(model, tok, slots=slots, max_len=256, burst=3, bucket=32)
+        lp, _ = run_rollouts(model, env, EXAMPLES, 1.0, 1.0, 7, 2, tok.pad_token_id, engine=engine)
+        runs.append([e.response_ids for e in env.episodes])
+    assert runs[0] == runs[1] == runs[2]
+    for ep, row in zip(env.episodes, lp):
+        ids = torch.tensor([ep.prompt_ids + ep.response_ids])
+        tf, _ = sequence_logprobs(model, ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None])
+        assert torch.allclose(torch.tensor(row), tf[0, len(ep.prompt_ids):], atol=1e-4)
+
+
+def _choose(logits, temperature, top_p, key, count):
+    one = torch.ones(logits.shape[0], dtype=torch.long)
+    never = torch.full_like(one, 1 << 40)
+    return choose_tokens(logits, temperature, top_p, key * one, count, never, 0 * one, one[:, None])
+
+
+def test_keyed_sampler_frequencies_match_the_tempered_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
+    tokens, logp = _choose(logits, 0.7, 1.0, 12345, torch.arange(4000))
+    expected = torch.softmax(logits[0] / 0.7, -1)
+    counts = np.bincount(tokens.numpy(), minlength=4) / 4000
+    assert np.abs(counts - expected.numpy()).max() < 0.03
+    assert torch.allclose(logp, expected.log()[tokens], atol=1e-6)
+
+
+def test_keyed_sampler_top_p_keeps_the_nucleus_and_renormalises():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(500, 1)
+    tokens, logp = _choose(logits, 1.0, 0.8, 3, torch.arange(500))
+    assert set(tokens.tolist()) == {0, 1}
+    expected = torch.tensor([0.5 / 0.8, 0.3 / 0.8])[tokens]
+    assert torch.allclose(logp.exp(), expected, rtol=1e-5)
+
+
+def test_keyed_uniform_is_uniform_and_keyed():
+    u = keyed_uniform(torch.full((20000,), 99), torch.arange(20000))
+    assert 0 < float(u.min()) and float(u.max()) < 1
+    assert np.abs(np.histogram(u.numpy(), bins=10, range=(0, 1))[0] / 20000 - 0.1).max() < 0.01
+    assert not torch.equal(u[:100], keyed_uniform(torch.full((100,), 98), torch.arange(100)))
+
+
+def test_forced_window_overrides_only_the_tokens_inside_it():
+    logits = torch.randn(3, 9)
+    keys, counts = torch.zeros(3, dtype=torch.long), torch.tensor([4, 5, 9])  # window covers counts 5 and 6
+    free, free_lp = choose_tokens(logits, 0.5, 1.0, keys, counts, torch.full((3,), 99), torch.zeros(3, dtype=torch.long),
+                                  torch.tensor([[7, 8]] * 3))
+    tokens, logp = choose_tokens(logits, 0.5, 1.0, keys, counts, torch.tensor([5, 5, 5]), torch.tensor([2, 2, 2]),
+                                 torch.tensor([[7, 8]] * 3))
+    assert tokens.tolist() == [int(free[0]), 7, int(free[2])]
+    assert float(logp[1]) == pytest.approx(float(torch.log_softmax(logits[1] / 0.5, -1)[7]), abs=1e-6)
+    assert logp[0] == free_lp[0] and logp[2] == free_lp[2]
+
+
+def test_chunked_logprobs_and_gradients_equal_the_plain_path():
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok)).train()
+    ids = torch.randint(2, len(tok), (3, 17))
+    mask = torch.ones_like(ids)
+    mask[0, 12:] = 0
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    ref, ref_ent = sequence_logprobs(model, ids, mask, pos, temperature=0.7, with_entropy=True)
+    (ref * mask).sum().add((ref_ent * mask).sum()).backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    got, ent = chunked_sequence_logprobs(model, ids, mask, pos, temperature=0.7, with_entropy=True, chunk=5)
+    (got * mask).sum().add((ent * mask).sum()).backward()
+    assert torch.allclose(got, ref, atol=1e-5) and torch.allclose(ent, ref_ent, atol=1e-5)
+    for a, p in zip(ref_grads, model.parameters()):
+        assert torch.allclose(a, p.grad, rtol=1e-4, atol=1e-4), float((a - p.grad).abs().max() / a.abs().max())
