@@ -19,7 +19,7 @@ import yaml
 from tqdm import tqdm
 
 from agents.config import TrainConfig, load_config, redacted
-from agents.distributed import init_distributed
+from agents.distributed import init_distributed, per_rank
 from agents.policy import build_actor
 from agents.sft import play_scripted, replay_turns, sft_train, trajectories_from_jsonl
 from agents.trainer import MetricsLogger, Trainer, latest_checkpoint
@@ -108,7 +108,9 @@ def write_report(run_dir: Path, rows: dict[str, dict], metrics_path: Path) -> st
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)  # every key validated before any model loads
-    dist_ = init_distributed(cfg.device)
+    dist_ = init_distributed(cfg.device, use_deepspeed=cfg.deepspeed is not None)
+    per_rank("rollout.n_prompts", cfg.rollout.n_prompts, dist_.world_size)  # global sizes: fail before loading
+    per_rank("algorithm.minibatch_size", cfg.algorithm.minibatch_size, dist_.world_size)
     logging.basicConfig(level=logging.INFO if dist_.is_main else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     run_dir = Path(cfg.run_dir)

@@ -21,7 +21,8 @@ import yaml
 from agents.advantages import AdvantageConfig, AdvantageInput, get_advantage, grpo_group_ids, repeat_for_group
 from agents.batch import RolloutBatch, build_batch, micro_batches
 from agents.config import TrainConfig, redacted
-from agents.distributed import Dist, PlainEngine
+from agents.distributed import (Dist, PlainEngine, ZeroEngine, broadcast_module, idle_forward, lockstep,
+                                make_engine, wrap_reference)
 from agents.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from agents.losses import agg_loss, kl_loss, policy_loss, step_denominator, value_loss
 from agents.policy import build_critic, build_reference, sequence_logprobs, sequence_values
@@ -90,11 +91,11 @@ def episode_metrics(summaries: list[dict], prefix: str) -> dict[str, float]:
 
 @dataclass
 class Models:
-    actor: torch.nn.Module
+    actor: torch.nn.Module  # what forward passes call: the module, or its DeepSpeed engine
     critic: torch.nn.Module | None
     ref: torch.nn.Module | None
-    actor_engine: PlainEngine
-    critic_engine: PlainEngine | None
+    actor_engine: PlainEngine | ZeroEngine
+    critic_engine: PlainEngine | ZeroEngine | None
 
 
 class Trainer:
@@ -107,14 +108,16 @@ class Trainer:
         self.estimator = get_advantage(alg.advantage)
         self.adv_cfg = AdvantageConfig(gamma=alg.gamma, lam=alg.lam, whiten=alg.whiten,
                                        grpo_norm_std=alg.grpo_norm_std)
+        broadcast_module(actor, dist_)  # critic and reference start from rank 0's actor on every rank
         critic = build_critic(actor, cfg.model.critic_init) if self.estimator.needs_critic else None
         ref = build_reference(actor) if alg.kl.placement != "none" and alg.kl.coef > 0 else None
-        o = cfg.optim
-        self.m = Models(
-            actor, critic, ref,
-            PlainEngine(actor, o.actor_lr, o.weight_decay, o.grad_clip, o.warmup_steps, dist_),
-            PlainEngine(critic, o.critic_lr, o.weight_decay, o.grad_clip, o.warmup_steps, dist_) if critic else None,
-        )
+        o, ds = cfg.optim, cfg.deepspeed
+        actor_engine = make_engine(actor, o.actor_lr, o.weight_decay, o.grad_clip, o.warmup_steps, dist_, ds)
+        critic_engine = (make_engine(critic, o.critic_lr, o.weight_decay, o.grad_clip, o.warmup_steps, dist_,
+                                     ds) if critic is not None else None)
+        self.m = Models(actor_engine.model, critic_engine.model if critic_engine else None,
+                        wrap_reference(ref, dist_, ds) if ref is not None else None,
+                        actor_engine, critic_engine)
         self.kl_ctl = (AdaptiveKLController(alg.kl.coef, alg.kl.target, alg.kl.horizon) if alg.kl.adaptive
                        else FixedKLController(alg.kl.coef))
         self.normalizer = make_cost_normalizer(cfg.cost.normalizer, **cfg.cost.options)
@@ -144,9 +147,10 @@ class Trainer:
         group_ids = (grpo_group_ids(per_rank, n) + d.rank * per_rank).tolist()
         examples = repeat_for_group([self.task.train[i] for i in mine], n)
         t0 = time.perf_counter()
-        sampler_logps, stats = run_rollouts(self.m.actor, self.env, examples, cfg.rollout.temperature,
-                                            cfg.rollout.top_p, cfg.seed, self.step, self.pad_id,
-                                            index_offset=d.rank * per_rank * n, forced=self.forced)
+        with self.m.actor_engine.generation() as policy:  # ZeRO-3: weights gathered once for the phase
+            sampler_logps, stats = run_rollouts(policy, self.env, examples, cfg.rollout.temperature,
+                                                cfg.rollout.top_p, cfg.seed, self.step, self.pad_id,
+                                                index_offset=d.rank * per_rank * n, forced=self.forced)
         rollout_s = time.perf_counter() - t0
         # the paper's normalizer sees every episode's cost of the batch (all ranks), then scores
         costs = d.all_gather_floats([e.raw_cost for e in self.env.episodes])
@@ -164,7 +168,12 @@ class Trainer:
         T = self.cfg.rollout.temperature or 1.0
         olds, refs, vals = [], [], []
         device = self.dist.device
-        for mb in micro_batches(batch, self.cfg.rollout.micro_batch_tokens):
+        for mb in lockstep(micro_batches(batch, self.cfg.rollout.micro_batch_tokens), self.dist):
+            if mb is None:  # another rank has more micro-batches: ZeRO-3 needs every rank's pass
+                for model in (self.m.actor, self.m.ref, self.m.critic):
+                    if model is not None:
+                        idle_forward(model, device)
+                continue
             mb = mb.to(device)
             args = (mb.input_ids, mb.attention_mask, mb.position_ids)
             width = batch.input_ids.shape[1]
@@ -219,7 +228,12 @@ class Trainer:
                 pieces = micro_batches(batch.select(order[start:start + per_rank_mb]), cfg.rollout.micro_batch_tokens)
                 denom = step_denominator([p.action_mask for p in pieces], mode)  # global over ranks
                 finite = True
-                for p in pieces:
+                for p in lockstep(pieces, self.dist):
+                    if p is None:  # another rank has more micro-batches: pass along without data
+                        for engine in (self.m.actor_engine if train_actor else None, self.m.critic_engine):
+                            if engine is not None:
+                                engine.idle_backward()
+                        continue
                     p = p.to(device)
                     args = (p.input_ids, p.attention_mask, p.position_ids)
                     mask = p.action_mask
@@ -234,8 +248,9 @@ class Trainer:
                             loss = loss + self.kl_ctl.value * agg_loss(kl_loss(logp, p.ref_logprobs, alg.kl.estimator),
                                                                        mask, mode, denom)
                         finite &= bool(torch.isfinite(loss))
-                        if finite:
-                            self.m.actor_engine.backward(loss)
+                        # backward even when non-finite: ranks stay in step (ZeRO's passes are collective)
+                        # and the skipped step drops these gradients
+                        self.m.actor_engine.backward(loss)
                         with torch.no_grad():
                             log_ratio = (logp - p.old_logprobs) * mask
                             n_act = mask.sum().clamp(min=1)
@@ -249,8 +264,7 @@ class Trainer:
                         vl = value_loss(v, p.values, p.returns, alg.value_clip)
                         closs = alg.vf_coef * agg_loss(vl, mask, mode, denom)
                         finite &= bool(torch.isfinite(closs))
-                        if finite:
-                            self.m.critic_engine.backward(closs)
+                        self.m.critic_engine.backward(closs)
                         add("critic/value_loss", closs)
                 # a NaN/inf anywhere skips this update on every rank
                 bad = self.dist.all_reduce_max(torch.tensor([0.0 if finite else 1.0]))
@@ -308,30 +322,41 @@ class Trainer:
         env = MultiRouteVectorEnv(self.tokenizer, self.task.pool, self.cfg.episode, self.reward_fn)
         summaries = []
         chunk = self.cfg.rollout.n_prompts
-        for start in range(0, len(mine), chunk):
-            run_rollouts(self.m.actor, env, mine[start:start + chunk], 0.0, 1.0, self.cfg.seed, -1, self.pad_id,
-                         forced=self.forced)
-            summaries += [s for _, s in env.finish(self.normalizer)]
+        with self.m.actor_engine.generation() as policy:
+            for start in range(0, len(mine), chunk):
+                run_rollouts(policy, env, mine[start:start + chunk], 0.0, 1.0, self.cfg.seed, -1, self.pad_id,
+                             forced=self.forced)
+                summaries += [s for _, s in env.finish(self.normalizer)]
         return self._reduce(episode_metrics(summaries, prefix)), summaries
 
     # ------------------------------------------------------------ checkpoints
 
     def save(self, name: str | None = None) -> Path:
-        """Write a checkpoint to a temp dir, then rename: a crash mid-write leaves the old ones intact."""
+        """Write a checkpoint to a temp dir, then rename: a crash mid-write leaves the old ones intact.
+
+        `actor/` and `critic/` hold the engines (weights and optimizer state; DeepSpeed checkpoints,
+        written by every rank, under DeepSpeed); `policy/` is the consolidated policy that
+        transformers loads directly. The frozen reference is rebuilt from the same starting weights on
+        resume, so it is not saved. All ranks call this and agree on the temp path.
+        """
+        d = self.dist
         ckpt_root = self.run_dir / "checkpoints"
         final = ckpt_root / (name or f"step_{self.step:06d}")
-        if self.dist.is_main:
-            tmp = ckpt_root / f".tmp_{final.name}"
+        tmp = ckpt_root / f".tmp_{final.name}"
+        if d.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            self.m.actor.save_pretrained(tmp / "policy", safe_serialization=True)
+        d.barrier()
+        self.m.actor_engine.save(tmp / "actor")
+        if self.m.critic_engine is not None:
+            self.m.critic_engine.save(tmp / "critic")
+        weights = self.m.actor_engine.full_state_dict()  # a collective under ZeRO-3
+        if d.is_main:
+            policy = self.m.actor_engine.module
+            policy.save_pretrained(tmp / "policy", state_dict=weights, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp / "policy")
             state = {
                 "step": self.step, "best_eval": self.best_eval,
-                "actor_engine": self.m.actor_engine.state_dict(),
-                "critic": self.m.critic.state_dict() if self.m.critic is not None else None,
-                "critic_engine": self.m.critic_engine.state_dict() if self.m.critic_engine else None,
-                "ref": self.m.ref.state_dict() if self.m.ref is not None else None,
                 "kl_ctl": self.kl_ctl.state_dict(),
                 "normalizer": self.normalizer.state_dict(),
                 "sampler": self.sampler.state_dict(),
@@ -340,12 +365,14 @@ class Trainer:
             torch.save(state, tmp / "trainer_state.pt")
             with open(tmp / "config.yaml", "w") as f:
                 yaml.safe_dump(redacted(self.cfg), f, sort_keys=False)
+        d.barrier()  # every rank's shards are on disk before the rename
+        if d.is_main:
             (tmp / "COMPLETE").write_text(str(self.step))
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
             self._prune(ckpt_root)
-        self.dist.barrier()
+        d.barrier()
         return final
 
     def _prune(self, root: Path) -> None:
@@ -354,16 +381,11 @@ class Trainer:
             shutil.rmtree(old, ignore_errors=True)
 
     def load(self, path: Path) -> None:
-        from safetensors.torch import load_file
+        """Restore engines (weights, optimizer, schedule), KL controller, normalizer, sampler cursor, RNG."""
         state = torch.load(path / "trainer_state.pt", weights_only=False)
-        weights = load_file(str(path / "policy" / "model.safetensors"))
-        self.m.actor.load_state_dict(weights, strict=False)
-        self.m.actor_engine.load_state_dict(state["actor_engine"])
-        if self.m.critic is not None and state["critic"] is not None:
-            self.m.critic.load_state_dict(state["critic"])
-            self.m.critic_engine.load_state_dict(state["critic_engine"])
-        if self.m.ref is not None and state["ref"] is not None:
-            self.m.ref.load_state_dict(state["ref"])
+        self.m.actor_engine.load(path / "actor")
+        if self.m.critic_engine is not None:
+            self.m.critic_engine.load(path / "critic")
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.normalizer.load_state_dict(state["normalizer"])
         self.sampler.load_state_dict(state["sampler"])

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from agents.routers.base import SingleCallRouter, lambda_settings, quality_cost_choice
-from agents.routers.fit import fit_bce, predict_proba, seeded_init
+from agents.routers.mlp import QualityNetRouter
 
 
 class BilinearScores(torch.nn.Module):
@@ -23,20 +22,8 @@ class BilinearScores(torch.nn.Module):
         return self.project(x) @ self.candidates.T + self.bias
 
 
-class MFRouter(SingleCallRouter):
+class MFRouter(QualityNetRouter):
     name = "mf"
 
-    def fit(self) -> None:
-        train, opt = self.ctx.train(), self.ctx.options
-        x = self.ctx.features(train.questions)
-        g = torch.Generator().manual_seed(opt.seed)
-        self.net = seeded_init(BilinearScores(x.shape[1], len(self.ctx.names), opt.mf_dim), g)
-        self.losses = fit_bce(self.net, (x,), train.quality.astype("float32"), opt.epochs, opt.lr, opt.batch_size, g)
-        self.costs = self.ctx.call_costs()
-
-    def settings(self):
-        return lambda_settings(self.ctx.options.lambdas)
-
-    def choose(self, questions, setting, rng):
-        predicted = predict_proba(self.net, self.ctx.features(questions))
-        return quality_cost_choice(predicted, self.costs, setting.value)
+    def make_net(self, dim: int) -> torch.nn.Module:
+        return BilinearScores(dim, len(self.ctx.names), self.ctx.options.mf_dim)
