@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
+
+from agents.collectives import all_reduce
 
 
 @dataclass
@@ -108,10 +109,7 @@ def advantage_names() -> list[str]:
 
 def _all_reduce_sum(t: Tensor) -> Tensor:
     """Sum `t` over data-parallel ranks when torch.distributed is initialized; identity otherwise."""
-    if dist.is_available() and dist.is_initialized():
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+    return all_reduce(t, "sum")
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from agents.collectives import all_reduce
+
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
 
 
@@ -33,14 +35,10 @@ class Dist:
         return self.rank == 0
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
+        return all_reduce(t, "sum") if self.world_size > 1 else t
 
     def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return t
+        return all_reduce(t, "max") if self.world_size > 1 else t
 
     def all_gather_floats(self, values: list[float]) -> list[float]:
         """Every rank's values, concatenated in rank order."""

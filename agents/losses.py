@@ -8,10 +8,10 @@ change the result.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from agents.advantages import get_advantage
+from agents.collectives import all_reduce
 from agents.kl import KL_ESTIMATORS, LOG_RATIO_CLAMP, kl_estimate
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
@@ -117,10 +117,7 @@ def step_denominator(masks: list[Tensor], mode: str) -> float:
         count = sum(m.to(torch.float64).sum() for m in masks)
     else:
         count = sum((m.to(torch.float64).sum(dim=-1) > 0).to(torch.float64).sum() for m in masks)
-    count = count.reshape(1)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(count, op=dist.ReduceOp.SUM)
-    total = float(count.item())
+    total = float(all_reduce(count.reshape(1), "sum").item())
     if total <= 0:
         raise ValueError(f"no action tokens in this optimizer step (mode {mode!r}): nothing to train on")
     return total

@@ -299,6 +299,8 @@ class Trainer:
         update_s = time.perf_counter() - t1
         metrics.update(self._reduce(episode_metrics(summaries, "train")))
         n_tokens = float(self.dist.all_reduce_sum(batch.attention_mask.sum().float()))
+        if torch.cuda.is_available():
+            metrics["perf/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         metrics.update({"time/update_s": update_s, "time/step_s": time.perf_counter() - t0,
                         "perf/update_tokens_per_s": n_tokens / max(update_s, 1e-9), "train/step": self.step})
         self.step += 1
