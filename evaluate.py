@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import logging
-import math
 import os
 import sys
 import tempfile

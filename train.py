@@ -38,7 +38,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def run_sft(cfg: TrainConfig, task, tokenizer, actor, dist_, logger) -> None:
+def run_sft(cfg: TrainConfig, task, tokenizer, actor, dist_) -> None:
     """Warm start: scripted (or recorded) trajectories played through the env, then supervised fit."""
     env = MultiRouteVectorEnv(tokenizer, task.pool, cfg.episode)
     if cfg.sft.source == "scripted":
@@ -138,7 +138,7 @@ def main(argv=None) -> dict:
     rows: dict[str, dict] = {}
     sft_eval_path = run_dir / "sft_eval.json"
     if cfg.sft.enabled and resume_from is None:
-        run_sft(cfg, task, tokenizer, actor, dist_, logger)
+        run_sft(cfg, task, tokenizer, actor, dist_)
         if dist_.is_main:
             actor.save_pretrained(sft_dir)
             tokenizer.save_pretrained(sft_dir)

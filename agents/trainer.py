@@ -218,7 +218,7 @@ class Trainer:
         counts: dict[str, int] = {}
 
         def add(key, value):
-            sums[key] = sums.get(key, 0.0) + float(value)
+            sums[key] = sums.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value)
             counts[key] = counts.get(key, 0) + 1
 
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)

@@ -2,13 +2,20 @@
 # One GPU, torchrun + DeepSpeed ZeRO-2 and ZeRO-3: a random Qwen2.5-0.5B-shaped policy on RouteWorld with a
 # forced turn schedule (random weights never write tags), 2 steps, then a resume to step 3.
 # Writes $OUT/distributed_1gpu/<stage>/{metrics.jsonl,run.log}. Usage: OUT=dir bash bench/distributed_1gpu.sh
+# SHAPE=3b STAGES=zero3 runs the Qwen2.5-3B shape instead (for the memory table; needs an H200).
 set -uo pipefail
 OUT=${OUT:-bench/results}
-SHAPE="model.init={hidden_size: 896, num_hidden_layers: 24, num_attention_heads: 14, num_key_value_heads: 2, intermediate_size: 4864, max_position_embeddings: 2048, tie_word_embeddings: true}"
+STAGES=${STAGES:-zero2 zero3}
+if [ "${SHAPE:-0.5b}" = 3b ]; then
+  SHAPE="model.init={hidden_size: 2048, num_hidden_layers: 36, num_attention_heads: 16, num_key_value_heads: 2, intermediate_size: 11008, max_position_embeddings: 2048, tie_word_embeddings: true}"
+  SIZES=(rollout.n_prompts=16 algorithm.minibatch_size=8 model.gradient_checkpointing=true)
+else
+  SHAPE="model.init={hidden_size: 896, num_hidden_layers: 24, num_attention_heads: 14, num_key_value_heads: 2, intermediate_size: 4864, max_position_embeddings: 2048, tie_word_embeddings: true}"
+  SIZES=(rollout.n_prompts=64 algorithm.minibatch_size=32)
+fi
 COMMON=(model.dtype=bfloat16 sft.enabled=false "rollout.forced_turns=[8,40]" rollout.forced_answer_at=64
-        episode.max_response_tokens=96 rollout.n_prompts=64 algorithm.minibatch_size=32 save_every=1
-        eval_every=0 task.n_test=64 keep_checkpoints=1)
-for stage in zero2 zero3; do
+        episode.max_response_tokens=96 "${SIZES[@]}" save_every=1 eval_every=0 task.n_test=64 keep_checkpoints=1)
+for stage in $STAGES; do
   dir=/tmp/runs/$stage; mkdir -p "$OUT/distributed_1gpu/$stage"
   for steps in 2 3; do
     resume=(); [ "$steps" = 3 ] && resume=(--resume)
