@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import time
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
-from bench.common import table, write_results
+from bench.common import bpe_tokenizer, table, write_results
 from envs.candidates import CandidatePool, CandidateSpec
 from envs.candidates.simulated import SimulatedBackend
 from envs.env import MultiRouteEnv
@@ -19,16 +17,6 @@ from envs.episode import EpisodeConfig
 
 CORPUS = ["<think> I should ask the expert about the river. </think> <search> Expert: Where is Korvan? </search>",
           "<info> Korvan is in Tessaly. </info> <answer> Tessaly </answer> the north sea river town people"]
-
-
-def tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|pad|>", "<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS * 5, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|endoftext|>")
 
 
 def episode_tokens(tok, length: int, every: int) -> list[int]:
@@ -49,7 +37,7 @@ def episode_tokens(tok, length: int, every: int) -> list[int]:
 
 
 def main() -> None:
-    tok = tokenizer()
+    tok = bpe_tokenizer(CORPUS, 400)
     pool = CandidatePool([CandidateSpec("Expert", "expert", 7, 0.3)],
                          SimulatedBackend({"Expert": lambda r: "Korvan is in Tessaly."}))
     env = MultiRouteEnv(tok, pool, config=EpisodeConfig(max_response_tokens=10_000, max_turns=100, prompt_template="compact"))

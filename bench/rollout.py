@@ -11,13 +11,12 @@ import time
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from agents.fast_decode import FastEngine
 from agents.policy import sequence_logprobs
 from agents.rollout import ForcedSchedule, run_rollouts
 from bench.common import (
+    bpe_tokenizer,
     copy_bandwidth,
     n_params,
     random_qwen,
@@ -34,18 +33,6 @@ CORPUS = ["<think> I should ask the expert. </think> <search> Expert: In which c
           "<info> Korvan is in Tessaly, a small country of the north. </info> <answer> Tessaly </answer>",
           "Answer the question below using the candidate models. Where is Paris? The answer is France."]
 REPLY = "Korvan is a town in Tessaly; its river runs north to the sea and its people speak Tessalian."
-
-
-def bench_tokenizer() -> PreTrainedTokenizerFast:
-    """A small byte-level BPE built inline; ids past its vocabulary decode to nothing, as a
-    checkpoint's padded vocabulary slots do, so the model keeps Qwen's 151,936-way head."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=["<|pad|>", "<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS * 5, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|endoftext|>")
 
 
 def make_env(tok, max_new: int) -> MultiRouteVectorEnv:
@@ -183,7 +170,7 @@ def main() -> None:
     p.add_argument("--no-hf", action="store_true", help="skip the transformers generate baselines")
     p.add_argument("--check", action="store_true", help="first check graphs against the eager path")
     args = p.parse_args()
-    tok = bench_tokenizer()
+    tok = bpe_tokenizer(CORPUS, 500)
     check = check_graphs_match_eager(tok) if args.check else None
     if check:
         print("graph vs simple path (greedy, float32):", check, flush=True)
