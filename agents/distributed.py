@@ -40,13 +40,17 @@ class Dist:
     def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
         return all_reduce(t, "max") if self.world_size > 1 else t
 
+    def all_gather(self, obj) -> list:
+        """Every rank's picklable `obj`, in rank order."""
+        if self.world_size == 1:
+            return [obj]
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def all_gather_floats(self, values: list[float]) -> list[float]:
         """Every rank's values, concatenated in rank order."""
-        if self.world_size == 1:
-            return list(values)
-        out: list = [None] * self.world_size
-        dist.all_gather_object(out, list(values))
-        return [v for part in out for v in part]
+        return [v for part in self.all_gather(list(values)) for v in part]
 
     def barrier(self) -> None:
         if self.world_size > 1:

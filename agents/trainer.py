@@ -297,7 +297,7 @@ class Trainer:
         t1 = time.perf_counter()
         metrics.update(self.update(batch))
         update_s = time.perf_counter() - t1
-        metrics.update(self._reduce(episode_metrics(summaries, "train")))
+        metrics.update(self._reduce(episode_metrics(summaries, "train"), len(summaries)))
         n_tokens = float(self.dist.all_reduce_sum(batch.attention_mask.sum().float()))
         if torch.cuda.is_available():
             metrics["perf/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -306,14 +306,13 @@ class Trainer:
         self.step += 1
         return metrics, summaries
 
-    def _reduce(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Mean of per-rank means (ranks hold equal episode counts)."""
-        if self.dist.world_size == 1:
-            return metrics
-        keys = sorted(metrics)
-        gathered = self.dist.all_gather_floats([metrics[k] for k in keys])
-        w = self.dist.world_size
-        return {k: sum(gathered[i + r * len(keys)] for r in range(w)) / w for i, k in enumerate(keys)}
+    def _reduce(self, metrics: dict[str, float], n: int) -> dict[str, float]:
+        """Episode means over all ranks: each rank's means weighted by its `n` episodes (a key a rank
+        lacks, e.g. calls to a candidate it never called, counts as 0 there)."""
+        parts = self.dist.all_gather((n, metrics))
+        total = max(sum(k for k, _ in parts), 1)
+        keys = sorted({key for _, m in parts for key in m})
+        return {key: sum(k * m.get(key, 0.0) for k, m in parts) / total for key in keys}
 
     # ------------------------------------------------------------ evaluation
 
@@ -329,7 +328,7 @@ class Trainer:
                 run_rollouts(policy, env, mine[start:start + chunk], 0.0, 1.0, self.cfg.seed, -1, self.pad_id,
                              forced=self.forced)
                 summaries += [s for _, s in env.finish(self.normalizer)]
-        return self._reduce(episode_metrics(summaries, prefix)), summaries
+        return self._reduce(episode_metrics(summaries, prefix), len(summaries)), summaries
 
     # ------------------------------------------------------------ checkpoints
 
