@@ -175,7 +175,8 @@ def main(argv=None) -> dict:
 
     final, _ = trainer.evaluate(task.test)
     logger.log(trainer.step, final)
-    trainer.save()
+    if cfg.save_final:
+        trainer.save()
     rows["trained policy"] = final
     if dist_.is_main:
         rows.update(fixed_candidate_rows(cfg, task, tokenizer, trainer.normalizer))

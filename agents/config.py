@@ -62,8 +62,19 @@ class RolloutConfig:
     # write tags, so this is how calls, <info> insertion and masking get exercised)
     forced_turns: list = field(default_factory=list)
     forced_answer_at: int = 0
+    # auto: agents.fast_decode.FastEngine on a GPU for Qwen2/Llama policies, else the simple path
+    engine: str = "auto"  # auto | fast | simple
+    engine_slots: int = 0  # episodes decoding at once (0: the whole phase of this rank)
+    engine_max_len: int = 0  # cache positions per episode (0: longest prompt + response + replies)
+    engine_burst: int = 16  # tokens decoded per device call (one CUDA graph) between looks by the env
 
     def __post_init__(self):
+        if self.engine not in ("auto", "fast", "simple"):
+            raise ValueError(f"rollout.engine must be auto, fast or simple, got {self.engine!r}")
+        for key in ("engine_slots", "engine_max_len"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"rollout.{key} must be >= 0, got {getattr(self, key)}")
+        _positive("rollout.engine_burst", self.engine_burst)
         _positive("rollout.n_prompts", self.n_prompts)
         _positive("rollout.n_per_prompt", self.n_per_prompt)
         _in_range("rollout.temperature", self.temperature, 0.0, 10.0)
@@ -168,6 +179,7 @@ class TrainConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval_every: int = 10  # steps between held-out evaluations (0: only at the end)
     save_every: int = 10  # steps between checkpoints (0: only at the end)
+    save_final: bool = True  # write a checkpoint when the run ends
     keep_checkpoints: int = 2
     log_every: int = 1
     n_samples_logged: int = 2  # sample trajectories written per logging step

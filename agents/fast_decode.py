@@ -137,10 +137,38 @@ def decoder_layer(x, norm1, qkv, qkv_bias, out, norm2, gate_up, down, kc, vc, ro
     return x + F.linear(F.silu(gate) * up, down)
 
 
+def _layout(model, clone: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[LayerWeights]]:
+    """(embedding, final norm, LM head, per-layer weights) of a transformers Qwen2/Llama model, with
+    the QKV and gate-up projections concatenated. `clone` makes every tensor new storage (a tied LM
+    head stays the embedding); otherwise the unfused tensors are the model's own."""
+    own = (lambda t: t.detach().clone()) if clone else (lambda t: t.detach())
+    trunk = model.get_decoder()
+    embed = own(trunk.embed_tokens.weight)
+    head = model.get_output_embeddings().weight
+    lm_head = embed if head is trunk.embed_tokens.weight else own(head)
+    layers = []
+    for layer in trunk.layers:
+        a, m = layer.self_attn, layer.mlp
+        projections = (a.q_proj, a.k_proj, a.v_proj)
+        qkv_bias = None
+        if any(p.bias is not None for p in projections):
+            qkv_bias = torch.cat([p.bias.detach() if p.bias is not None else torch.zeros_like(p.weight[:, 0])
+                                  for p in projections])
+        layers.append(LayerWeights(
+            own(layer.input_layernorm.weight), torch.cat([p.weight.detach() for p in projections]), qkv_bias,
+            own(a.o_proj.weight), own(layer.post_attention_layernorm.weight),
+            torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach(), own(m.down_proj.weight)))
+    return embed, own(trunk.norm.weight), lm_head, layers
+
+
 class FastModel:
     """The weights of a transformers Qwen2/Llama causal LM, re-laid out for decoding, and its
     forward pass over a static per-layer KV cache of shape (slots, kv_heads, max_len + 1, head_dim).
-    The last cache position is scratch: padding writes land there and attention never reads it."""
+    The last cache position is scratch: padding writes land there and attention never reads it.
+
+    The model owns copies of the weights (fused QKV and gate-up need new storage anyway, and CUDA
+    graphs record addresses): `load_weights` refreshes them in place after each update, e.g. from
+    parameters gathered under ZeRO-3."""
 
     def __init__(self, model, slots: int, max_len: int):
         cfg = model.config
@@ -150,21 +178,8 @@ class FastModel:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         trunk = model.get_decoder()
-        self.embed = trunk.embed_tokens.weight.detach()
-        self.final_norm = trunk.norm.weight.detach()
-        self.lm_head = model.get_output_embeddings().weight.detach()
-        self.layers = []
-        for layer in trunk.layers:
-            a, m = layer.self_attn, layer.mlp
-            biases = [p.bias for p in (a.q_proj, a.k_proj, a.v_proj)]
-            qkv_bias = None if all(b is None for b in biases) else torch.cat(
-                [b.detach() if b is not None else torch.zeros_like(p.weight[:, 0])
-                 for b, p in zip(biases, (a.q_proj, a.k_proj, a.v_proj))])
-            self.layers.append(LayerWeights(
-                layer.input_layernorm.weight.detach(),
-                torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach(), qkv_bias,
-                a.o_proj.weight.detach(), layer.post_attention_layernorm.weight.detach(),
-                torch.cat([m.gate_proj.weight, m.up_proj.weight]).detach(), m.down_proj.weight.detach()))
+        self.tied = model.get_output_embeddings().weight is trunk.embed_tokens.weight
+        self.embed, self.final_norm, self.lm_head, self.layers = _layout(model, clone=True)
         self.slots, self.max_len, self.scratch = slots, max_len, max_len
         shape = (slots, self.kv_heads, max_len + 1, self.head_dim)
         self.k_cache = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in self.layers]
@@ -174,6 +189,18 @@ class FastModel:
         cos, sin = trunk.rotary_emb(probe, positions)  # the model's own RoPE table, in its dtype
         self.cos, self.sin = cos[0], sin[0]
         self.compiled_layer = None
+
+    @torch.no_grad()
+    def load_weights(self, model) -> None:
+        """Copy `model`'s current weights into this model's buffers (same shapes; addresses kept)."""
+        embed, final_norm, lm_head, layers = _layout(model, clone=False)
+        mine = [self.embed, self.final_norm] + ([] if self.tied else [self.lm_head])
+        theirs = [embed, final_norm] + ([] if self.tied else [lm_head])
+        for a, b in zip(self.layers, layers):
+            mine += [t for t in vars(a).values() if t is not None]
+            theirs += [t for t in vars(b).values() if t is not None]
+        for dst, src in zip(mine, theirs):
+            dst.copy_(src)
 
     def compile(self) -> None:
         """Fuse each decode layer's small operations with torch.compile (GPU; one compile per shape,
@@ -205,6 +232,13 @@ class FastModel:
 
 
 # ---------------------------------------------------------------- the engine
+
+def supports(model) -> bool:
+    """Whether FastModel can decode `model`: a Qwen2 or Llama decoder without sliding-window
+    attention (other architectures use the simple path)."""
+    cfg = model.config
+    return cfg.model_type in ("qwen2", "llama") and not getattr(cfg, "use_sliding_window", False)
+
 
 def handover_ids(tokenizer, vocab_size: int, eos_ids) -> torch.Tensor:
     """(V,) bool: the tokens after which the env must look: every token whose text contains '>'
@@ -270,6 +304,10 @@ class FastEngine:
         self.pool = None
         self.timings = {"prefill_s": 0.0, "decode_s": 0.0, "env_s": 0.0}  # wall time of each part of `run`
 
+    def load_weights(self, model) -> None:
+        """Refresh the engine's weights from `model` (the same architecture), e.g. after an update."""
+        self.net.load_weights(model)
+
     # -- device side
 
     def _step(self, j: int, kv_len: int, temperature: float, top_p: float) -> None:
@@ -323,7 +361,8 @@ class FastEngine:
         for s in slots:
             ep = env.episodes[s.episode] if s.episode is not None else None
             if ep is not None and s.pos >= self.max_len:
-                raise ValueError(f"episode {s.episode} reached position {s.pos}; FastEngine max_len={self.max_len}")
+                raise ValueError(f"episode {s.episode} reached position {s.pos}, past the engine's max_len={self.max_len} "
+                                 "(raise rollout.engine_max_len)")
             running = ep is not None and ep.state == GENERATING
             count = ep.policy_tokens if ep is not None else 0
             start, chunk, stop = _window_at(windows, count)
@@ -362,7 +401,8 @@ class FastEngine:
             positions = torch.full((len(group), width), self.net.scratch, dtype=torch.long)
             for r, (_, _, seq, start) in enumerate(group):
                 if start + len(seq) > self.max_len:
-                    raise ValueError(f"episode needs {start + len(seq)} cache positions; FastEngine max_len={self.max_len}")
+                    raise ValueError(f"an episode needs {start + len(seq)} cache positions, past the engine's "
+                                 f"max_len={self.max_len} (raise rollout.engine_max_len)")
                 ids[r, :len(seq)] = torch.tensor(seq)
                 positions[r, :len(seq)] = torch.arange(start, start + len(seq))
             rows = torch.tensor([j[0] for j in group], device=dev)
@@ -390,6 +430,8 @@ class FastEngine:
         """Play one rollout phase (see `run_rollouts`); returns the sampler's log-prob of every policy
         token, per episode. `pad_id` is unused: the cache is never padded."""
         env.reset(examples)
+        self.handover[sorted(env.eos_ids)] = True  # the env's own end-of-sequence ids stop a burst too
+        self.timings = dict.fromkeys(self.timings, 0.0)
         n = len(examples)
         keys = [episode_seed(seed, step, index_offset + i) for i in range(n)]
         windows = forced_windows(forced)

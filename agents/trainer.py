@@ -21,6 +21,7 @@ import yaml
 from agents.advantages import AdvantageConfig, AdvantageInput, get_advantage, grpo_group_ids, repeat_for_group
 from agents.batch import RolloutBatch, build_batch, micro_batches
 from agents.config import TrainConfig, redacted
+from agents import fast_decode
 from agents.distributed import (Dist, PlainEngine, ZeroEngine, broadcast_module, idle_forward, lockstep,
                                 make_engine, wrap_reference)
 from agents.kl import AdaptiveKLController, FixedKLController, kl_estimate
@@ -130,6 +131,35 @@ class Trainer:
         r = cfg.rollout
         self.forced = (ForcedSchedule.calls_then_answer(tokenizer, task.pool.names[0], r.forced_turns, r.forced_answer_at)
                        if r.forced_turns else None)
+        self.fast: fast_decode.FastEngine | None = None  # built at the first phase that uses it
+
+    def decode_engine(self, policy: torch.nn.Module) -> fast_decode.FastEngine | None:
+        """The FastEngine for this phase, holding `policy`'s current weights (call it where the weights
+        are gathered), or None for the simple path. Built once: CUDA graphs are captured per shape."""
+        r = self.cfg.rollout
+        if r.engine == "simple" or (r.engine == "auto" and not (self.dist.device.type == "cuda"
+                                                                and fast_decode.supports(policy))):
+            return None
+        if not fast_decode.supports(policy):
+            raise ValueError(f"rollout.engine=fast supports Qwen2 and Llama policies, not {policy.config.model_type!r}; "
+                             "use rollout.engine=simple")
+        if self.fast is not None:
+            self.fast.load_weights(policy)
+            return self.fast
+        slots = r.engine_slots or r.n_prompts * r.n_per_prompt // self.dist.world_size
+        self.fast = fast_decode.FastEngine(policy, self.tokenizer, slots, r.engine_max_len or self._longest_episode(),
+                                           burst=r.engine_burst)
+        log.info("rollouts use FastEngine: %d slots x %d cache positions", slots, self.fast.max_len)
+        return self.fast
+
+    def _longest_episode(self) -> int:
+        """A bound on an episode's tokens: the prompt of the longest question (by characters) among
+        the train and test sets, the policy's token limit, and every allowed reply with its tags."""
+        e = self.cfg.episode
+        questions = sorted(list(self.task.train) + list(self.task.test), key=lambda ex: len(str(ex["question"])))
+        env = MultiRouteVectorEnv(self.tokenizer, self.task.pool, e, self.reward_fn)
+        prompt = max(len(ids) for ids in env.reset(questions[-8:]))
+        return prompt + e.max_response_tokens + (e.max_turns + 1) * (e.max_info_tokens + 32)
 
     # ------------------------------------------------------------ one RL step
 
@@ -150,7 +180,8 @@ class Trainer:
         with self.m.actor_engine.generation() as policy:  # ZeRO-3: weights gathered once for the phase
             sampler_logps, stats = run_rollouts(policy, self.env, examples, cfg.rollout.temperature,
                                                 cfg.rollout.top_p, cfg.seed, self.step, self.pad_id,
-                                                index_offset=d.rank * per_rank * n, forced=self.forced)
+                                                index_offset=d.rank * per_rank * n, forced=self.forced,
+                                                engine=self.decode_engine(policy))
         rollout_s = time.perf_counter() - t0
         # the paper's normalizer sees every episode's cost of the batch (all ranks), then scores
         costs = d.all_gather_floats([e.raw_cost for e in self.env.episodes])
@@ -160,6 +191,8 @@ class Trainer:
         summaries = [s for _, s in scored]
         batch = build_batch(self.env.episodes, scores, group_ids, sampler_logps, self.pad_id)
         timing = {"time/rollout_s": rollout_s, "perf/rollout_tokens_per_s": stats.generated_tokens / max(rollout_s, 1e-9)}
+        if self.fast is not None:
+            timing.update({f"time/rollout_{k}": v for k, v in self.fast.timings.items()})
         return batch, summaries, timing
 
     @torch.no_grad()
@@ -324,9 +357,10 @@ class Trainer:
         summaries = []
         chunk = self.cfg.rollout.n_prompts
         with self.m.actor_engine.generation() as policy:
+            engine = self.decode_engine(policy)
             for start in range(0, len(mine), chunk):
                 run_rollouts(policy, env, mine[start:start + chunk], 0.0, 1.0, self.cfg.seed, -1, self.pad_id,
-                             forced=self.forced)
+                             forced=self.forced, engine=engine)
                 summaries += [s for _, s in env.finish(self.normalizer)]
         return self._reduce(episode_metrics(summaries, prefix), len(summaries)), summaries
 

@@ -95,7 +95,19 @@ def pure_decode(engine: FastEngine, batch: int, prompt: int, new: int) -> float:
     return sec
 
 
-def run_shape(shape: str, batch: int, prompt: int, new: int, bandwidth: float, tok, hf: bool) -> dict:
+def profile_decode(engine: FastEngine, prompt: int, new: int, rows: int = 25) -> None:
+    """Print the GPU kernels of decode bursts (all rows active), by total device time."""
+    from torch.profiler import ProfilerActivity, profile
+    pure_decode(engine, engine.net.slots, prompt, new)  # the same state as the timing
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            engine._decode(-(-(prompt + new // 2 + engine.burst + 1) // engine.bucket) * engine.bucket, 1.0, 1.0)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows), flush=True)
+
+
+def run_shape(shape: str, batch: int, prompt: int, new: int, bandwidth: float, tok, hf: bool,
+              profile: bool = False) -> dict:
     torch.manual_seed(0)
     model = random_qwen(shape)
     row = {"shape": shape, "batch": batch, "params_M": n_params(model) / 1e6}
@@ -112,6 +124,8 @@ def run_shape(shape: str, batch: int, prompt: int, new: int, bandwidth: float, t
     engine = FastEngine(model, tok, slots=batch, max_len=prompt + new + 256, burst=16)
     sec = pure_decode(engine, batch, prompt, new)
     row.update(decode_ms=sec * 1e3, decode_tok_s=batch / sec, decode_pct_limit=100 * batch / sec / limit)
+    if profile:
+        profile_decode(engine, prompt, new)
     # end to end: two waves of episodes, calls at set positions, replies inserted, slots refilled
     examples = examples_with_prompt(tok, env, 2 * batch, prompt)
     forced = ForcedSchedule.calls_then_answer(tok, "Expert", [new // 5, new // 2], new - 24)
@@ -169,6 +183,7 @@ def main() -> None:
     p.add_argument("--new", type=int, default=256)
     p.add_argument("--no-hf", action="store_true", help="skip the transformers generate baselines")
     p.add_argument("--check", action="store_true", help="first check graphs against the eager path")
+    p.add_argument("--profile", action="store_true", help="print the kernels of a decode burst")
     args = p.parse_args()
     tok = bpe_tokenizer(CORPUS, 500)
     check = check_graphs_match_eager(tok) if args.check else None
@@ -179,7 +194,7 @@ def main() -> None:
     rows = []
     for item in args.shapes.split(","):
         shape, batch = item.split(":")
-        rows.append(run_shape(shape, int(batch), args.prompt, args.new, bandwidth, tok, not args.no_hf))
+        rows.append(run_shape(shape, int(batch), args.prompt, args.new, bandwidth, tok, not args.no_hf, args.profile))
         print(rows[-1], flush=True)
     cols = ["shape", "batch", "limit_tok_s", "hf_default_tok_s", "hf_static_tok_s", "decode_ms", "decode_tok_s",
             "decode_pct_limit", "e2e_tok_s", "e2e_pct_limit", "x_hf_default", "x_hf_static", "mem_GB",

@@ -105,3 +105,20 @@ def test_non_finite_loss_skips_the_update(tmp_path):
     metrics = trainer.update(batch)
     assert metrics["train/skipped_updates"] >= 1
     assert all(torch.equal(before[k], v) for k, v in actor.state_dict().items())
+
+
+def test_fast_engine_trains_exactly_like_the_simple_path_with_greedy_rollouts(tmp_path):
+    """Rollouts through FastEngine (weights reloaded after every update) give the same episodes, so the
+    same updates, as the simple path."""
+    for engine in ("simple", "fast"):
+        run(tmp_path, engine, "total_steps=2", "save_every=0", "rollout.temperature=0", f"rollout.engine={engine}")
+    ws, wf = (weights(tmp_path / e / "checkpoints" / "step_000002") for e in ("simple", "fast"))
+    for k in ws:
+        assert torch.allclose(ws[k], wf[k], atol=1e-6), k
+    samples = [(tmp_path / e / "samples.jsonl").read_text() for e in ("simple", "fast")]
+    assert samples[0] == samples[1] and samples[0]
+
+
+def test_save_final_false_writes_no_checkpoint(tmp_path):
+    run(tmp_path, "n", "total_steps=1", "save_every=0", "save_final=false")
+    assert latest_checkpoint(tmp_path / "n") is None
