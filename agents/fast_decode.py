@@ -4,6 +4,7 @@ detection on the device, and finished episodes' slots refilled with new question
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from agents.rollout import ForcedSchedule, RolloutStats, episode_seed
 from envs.episode import GENERATING, eos_token_ids
 from envs.vector import MultiRouteVectorEnv
 
+log = logging.getLogger("routerl")
 _M32 = 0xFFFFFFFF
 _NEVER = 1 << 40  # a token count no episode reaches
 
@@ -44,6 +46,24 @@ def keyed_uniform(keys: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return (((x << 21) | (y >> 11)).double() + 0.5) / float(1 << 53)
 
 
+def invert_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """Per row of probs (R, V): the first index whose cumulative mass (float64) exceeds u * total,
+    i.e. an exact sample for u ~ U(0, 1). Found in two levels, the block of `block` tokens whose
+    running mass crosses the target and then the token inside it, so no scan runs over the whole
+    vocabulary (a 150k-long float64 cumsum per row is the slowest kernel of a decode step)."""
+    R, V = probs.shape
+    K = -(-V // block)
+    p = F.pad(probs, (0, K * block - V)).view(R, K, block)
+    mass = p.sum(-1, dtype=torch.float64)  # (R, K)
+    cum = mass.cumsum(-1)
+    target = (u * cum[:, -1])[:, None]
+    k = torch.searchsorted(cum, target, right=True).clamp(max=K - 1)  # (R, 1)
+    rest = target - (cum.gather(-1, k) - mass.gather(-1, k))
+    inner = p.gather(1, k[:, :, None].expand(R, 1, block))[:, 0].cumsum(-1, dtype=torch.float64)
+    j = torch.searchsorted(inner, rest, right=True).clamp(max=block - 1)
+    return (k * block + j)[:, 0].clamp(max=V - 1)
+
+
 def choose_tokens(logits: torch.Tensor, temperature: float, top_p: float, keys: torch.Tensor,
                   counts: torch.Tensor, win_start: torch.Tensor, win_len: torch.Tensor,
                   win_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,19 +81,17 @@ def choose_tokens(logits: torch.Tensor, temperature: float, top_p: float, keys: 
         tokens = lf.argmax(-1)
         lp = logp.gather(-1, tokens[:, None]).squeeze(-1)
     else:
-        u = keyed_uniform(keys, counts)[:, None]
+        u = keyed_uniform(keys, counts)
         if top_p < 1.0:
             sorted_lp, order = logp.sort(-1, descending=True)
             sorted_p = sorted_lp.exp()
             keep = (sorted_p.cumsum(-1) - sorted_p) < top_p  # the token that crosses top_p is kept
-            cum = torch.cumsum(sorted_p * keep, -1, dtype=torch.float64)
-            at = torch.searchsorted(cum, u * cum[:, -1:], right=True).clamp(max=lf.shape[-1] - 1)
+            at = invert_cdf(sorted_p * keep, u)[:, None]
             tokens = order.gather(-1, at).squeeze(-1)
             log_z = torch.logsumexp(sorted_lp.masked_fill(~keep, float("-inf")), -1)
             lp = sorted_lp.gather(-1, at).squeeze(-1) - log_z
         else:
-            cum = torch.cumsum(logp.exp(), -1, dtype=torch.float64)
-            tokens = torch.searchsorted(cum, u * cum[:, -1:], right=True).clamp(max=lf.shape[-1] - 1).squeeze(-1)
+            tokens = invert_cdf(logp.exp(), u)
             lp = logp.gather(-1, tokens[:, None]).squeeze(-1)
     at = counts - win_start
     forced = (at >= 0) & (at < win_len)
@@ -126,13 +144,17 @@ def decoder_layer(x, norm1, qkv, qkv_bias, out, norm2, gate_up, down, kc, vc, ro
     keys, values = kc[:, :, :kv_len], vc[:, :, :kv_len]
     if slots is not None:
         keys, values = keys[slots], values[slots]
-    # grouped-query attention read in place: the g query heads of a KV head share its cache rows
-    qg = q.view(N, Lq, kv_heads, g, d).permute(0, 2, 3, 1, 4).reshape(N, kv_heads, g * Lq, d)
-    scores = torch.matmul(qg, keys.transpose(-1, -2)).view(N, kv_heads, g, Lq, kv_len)
-    scores = (scores.float() * d ** -0.5).masked_fill(hidden_mask, float("-inf"))
-    probs = torch.softmax(scores, -1).to(x.dtype).view(N, kv_heads, g * Lq, kv_len)
-    attn = torch.matmul(probs, values).view(N, kv_heads, g, Lq, d)
-    x = x + F.linear(attn.permute(0, 3, 1, 2, 4).reshape(N, Lq, heads * d), out)
+    if Lq == 1:  # decode: grouped-query attention read in place, the g query heads of a KV head share its rows
+        qg = q.view(N, kv_heads, g, d)
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).view(N, kv_heads, g, 1, kv_len)
+        scores = (scores.float() * d ** -0.5).masked_fill(hidden_mask, float("-inf"))
+        probs = torch.softmax(scores, -1).to(x.dtype).view(N, kv_heads, g, kv_len)
+        attn = torch.matmul(probs, values).view(N, 1, heads * d)
+    else:  # prefill: the fused SDPA kernel
+        attn = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=~hidden_mask[:, :, 0],
+                                              enable_gqa=True)
+        attn = attn.transpose(1, 2).reshape(N, Lq, heads * d)
+    x = x + F.linear(attn, out)
     gate, up = F.linear(rms_norm(x, norm2, eps), gate_up).chunk(2, -1)
     return x + F.linear(F.silu(gate) * up, down)
 
@@ -288,8 +310,10 @@ class FastEngine:
         self.max_len, self.burst, self.bucket, self.prefill_tokens = max_len, burst, bucket, prefill_tokens
         dev = self.net.device
         self.use_graphs = (dev.type == "cuda") if use_graphs is None else use_graphs
+        self.choose = choose_tokens
         if self.use_graphs and compile:
             self.net.compile()
+            self.choose = torch.compile(choose_tokens, dynamic=False)  # the vocabulary-wide work, fused
         vocab = self.net.lm_head.shape[0]
         self.handover = handover_ids(tokenizer, vocab, eos_token_ids(tokenizer, extra_eos_ids)).to(dev)
         B = slots
@@ -315,8 +339,8 @@ class FastEngine:
         active rows, and freeze rows that chose a handover token or reached their stop count."""
         hidden = self.net.forward(self.tok[:, None], self.pos[:, None], None, kv_len)
         logits = self.net.logits(hidden[:, 0])
-        nxt, lp = choose_tokens(logits, temperature, top_p, self.key, self.count, self.win_start,
-                                self.win_len, self.win_tokens)
+        nxt, lp = self.choose(logits, temperature, top_p, self.key, self.count, self.win_start,
+                              self.win_len, self.win_tokens)
         act = self.active
         self.out_tok[:, j] = nxt
         self.out_lp[:, j] = lp
@@ -326,24 +350,36 @@ class FastEngine:
         self.count.add_(act.long())
         self.active.copy_(act & ~self.handover[nxt] & (self.count < self.stop_at))
 
-    def _burst(self, kv_len: int, temperature: float, top_p: float) -> None:
-        for j in range(self.burst):
+    def _burst(self, steps: int, kv_len: int, temperature: float, top_p: float) -> None:
+        for j in range(steps):
             self._step(j, kv_len, temperature, top_p)
 
-    def _decode(self, kv_len: int, temperature: float, top_p: float) -> None:
+    def _decode(self, kv_len: int, temperature: float, top_p: float, steps: int | None = None) -> None:
+        """Decode `steps` (default `burst`) tokens for every active row: one graph replay on GPU."""
+        steps = steps or self.burst
         if not self.use_graphs:
-            return self._burst(kv_len, temperature, top_p)
-        key = (kv_len, temperature, top_p, self.win_tokens.shape[1])
+            return self._burst(steps, kv_len, temperature, top_p)
+        key = (steps, kv_len, temperature, top_p, self.win_tokens.shape[1])
         if key not in self.graphs:
             saved = [t.clone() for t in (self.tok, self.pos, self.count, self.active)]
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                self._burst(kv_len, temperature, top_p)  # warm-up outside the capture
+                try:
+                    self._burst(steps, kv_len, temperature, top_p)  # warm-up (and compile) outside the capture
+                except Exception as e:  # an inductor failure costs speed, never the run
+                    if self.choose is choose_tokens and self.net.compiled_layer is None:
+                        raise
+                    log.warning("torch.compile of the decode step failed (%s); decoding eagerly in CUDA graphs",
+                                str(e).splitlines()[0] if str(e) else type(e).__name__)
+                    self.choose, self.net.compiled_layer = choose_tokens, None
+                    for t, s in zip((self.tok, self.pos, self.count, self.active), saved):
+                        t.copy_(s)
+                    self._burst(steps, kv_len, temperature, top_p)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                self._burst(kv_len, temperature, top_p)
+                self._burst(steps, kv_len, temperature, top_p)
             self.pool = graph.pool()
             self.graphs[key] = graph
             for t, s in zip((self.tok, self.pos, self.count, self.active), saved):
@@ -353,8 +389,9 @@ class FastEngine:
     # -- host side
 
     def _upload(self, slots: list[Slot], env: MultiRouteVectorEnv, keys: list[int],
-                windows: list[tuple[int, list[int]]]) -> None:
-        """Write the host's view of every row into the device buffers."""
+                windows: list[tuple[int, list[int]]]) -> int:
+        """Write the host's view of every row into the device buffers. Returns the most tokens any
+        running row can decode before a known stop (its token limit or the next forced window)."""
         limit = env.cfg.max_response_tokens
         rows = {name: [] for name in ("tok", "pos", "count", "active", "stop_at", "key", "win_start", "win_len")}
         win_rows = []
@@ -381,6 +418,8 @@ class FastEngine:
         self.win_tokens.copy_(torch.tensor([c + [0] * (width - len(c)) for c in win_rows]))
         for name, values in rows.items():
             getattr(self, name).copy_(torch.tensor(values, dtype=getattr(self, name).dtype))
+        return max((stop - count for stop, count, run in zip(rows["stop_at"], rows["count"], rows["active"]) if run),
+                   default=1)
 
     def _prefill(self, jobs: list[tuple[int, Slot, list[int], int]], env, keys, windows,
                  temperature: float, top_p: float) -> list[tuple[int, int, float]]:
@@ -477,17 +516,19 @@ class FastEngine:
                 break
             # decode a burst on the device
             t0 = time.perf_counter()
-            self._upload(slots, env, keys, windows)
-            top = max(s.pos for s in running) + self.burst + 1
+            remaining = self._upload(slots, env, keys, windows)
+            # the shortest power-of-two burst that lasts until every row must stop at a known count
+            steps = min(self.burst, 1 << max(remaining - 1, 0).bit_length())
+            top = max(s.pos for s in running) + steps + 1
             kv_len = min(self.net.scratch, -(-top // self.bucket) * self.bucket)
-            self._decode(kv_len, temperature, top_p)
-            out_tok, out_lp, valid = (t.cpu().tolist() for t in (self.out_tok, self.out_lp, self.out_valid))
+            self._decode(kv_len, temperature, top_p, steps)
+            out_tok, out_lp, valid = (t[:, :steps].cpu().tolist() for t in (self.out_tok, self.out_lp, self.out_valid))
             t1 = time.perf_counter()
             self.timings["decode_s"] += t1 - t0
             for row, s in enumerate(slots):
                 if s.episode is None:
                     continue
-                for j in range(self.burst):
+                for j in range(steps):
                     if not valid[row][j]:
                         break
                     s.token, s.pos = out_tok[row][j], s.pos + 1

@@ -106,8 +106,27 @@ def profile_decode(engine: FastEngine, prompt: int, new: int, rows: int = 25) ->
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows), flush=True)
 
 
+def zero3_rollout(model, engine: FastEngine, env, examples, forced, expected: list, plain_tok_s: float) -> dict:
+    """The same rollout phase with the policy inside a DeepSpeed ZeRO-3 engine (one process): the
+    weights are gathered once, copied into the engine's buffers, and the phase decodes with no
+    collective. The time counts the gather and the copy. Episodes must equal the plain run's."""
+    from agents.distributed import ZeroEngine, init_distributed
+    dist_ = init_distributed("cuda", use_deepspeed=True)
+    zero = ZeroEngine(model, "zero3", 1e-6, 0.0, 1.0, 0, dist_)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with zero.generation() as policy:
+        engine.load_weights(policy)
+        _, stats = run_rollouts(policy, env, examples, 1.0, 1.0, 0, 1, 0, forced=forced, engine=engine)
+    torch.cuda.synchronize()
+    sec = time.perf_counter() - t
+    same = sum(a == e.response_ids for a, e in zip(expected, env.episodes))
+    return {"zero3_e2e_tok_s": stats.generated_tokens / sec, "zero3_vs_plain": stats.generated_tokens / sec / plain_tok_s,
+            "zero3_identical_episodes": f"{same}/{len(expected)}"}
+
+
 def run_shape(shape: str, batch: int, prompt: int, new: int, bandwidth: float, tok, hf: bool,
-              profile: bool = False) -> dict:
+              profile: bool = False, zero3: bool = False) -> dict:
     torch.manual_seed(0)
     model = random_qwen(shape)
     row = {"shape": shape, "batch": batch, "params_M": n_params(model) / 1e6}
@@ -149,9 +168,11 @@ def run_shape(shape: str, batch: int, prompt: int, new: int, bandwidth: float, t
         ids = torch.tensor([e.prompt_ids + e.response_ids], device="cuda")
         tf, _ = sequence_logprobs(model, ids, torch.ones_like(ids), torch.arange(ids.shape[1], device="cuda")[None])
         policy = torch.tensor([not x for x in e.inserted], device="cuda")
-        diffs.append((tf[0, len(e.prompt_ids):][policy] - torch.tensor(lp, device="cuda")).abs())
+        diffs.append((tf[0, len(e.prompt_ids):][policy] - torch.tensor(lp, device="cuda")).abs().detach())
     d = torch.cat(diffs).float()
     row.update(logp_mismatch_mean=float(d.mean()), logp_mismatch_p99=float(d.quantile(0.99)))
+    if zero3:  # last: the model is partitioned from here on
+        row.update(zero3_rollout(model, engine, env, examples, forced, [e.response_ids for e in eps], row["e2e_tok_s"]))
     del engine, model
     torch.cuda.empty_cache()
     return row
@@ -184,6 +205,7 @@ def main() -> None:
     p.add_argument("--no-hf", action="store_true", help="skip the transformers generate baselines")
     p.add_argument("--check", action="store_true", help="first check graphs against the eager path")
     p.add_argument("--profile", action="store_true", help="print the kernels of a decode burst")
+    p.add_argument("--zero3", action="store_true", help="also time the first shape's rollout under DeepSpeed ZeRO-3")
     args = p.parse_args()
     tok = bpe_tokenizer(CORPUS, 500)
     check = check_graphs_match_eager(tok) if args.check else None
@@ -192,13 +214,15 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     rows = []
-    for item in args.shapes.split(","):
+    items = args.shapes.split(",")
+    for n, item in enumerate(items):
         shape, batch = item.split(":")
-        rows.append(run_shape(shape, int(batch), args.prompt, args.new, bandwidth, tok, not args.no_hf, args.profile))
+        rows.append(run_shape(shape, int(batch), args.prompt, args.new, bandwidth, tok, not args.no_hf, args.profile,
+                              args.zero3 and n == 0))
         print(rows[-1], flush=True)
     cols = ["shape", "batch", "limit_tok_s", "hf_default_tok_s", "hf_static_tok_s", "decode_ms", "decode_tok_s",
             "decode_pct_limit", "e2e_tok_s", "e2e_pct_limit", "x_hf_default", "x_hf_static", "mem_GB",
-            "logp_mismatch_mean", "logp_mismatch_p99"]
+            "logp_mismatch_mean", "logp_mismatch_p99", "zero3_vs_plain"]
     print(table(rows, cols))
     path = write_results("rollout", {"check": check, "copy_bandwidth_Bps": bandwidth, "prompt": args.prompt, "new": args.new, "rows": rows})
     print(f"wrote {path}")

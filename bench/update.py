@@ -1,19 +1,23 @@
 """PPO update benchmark (actor + critic, Qwen2.5-1.5B shape): our loss path (length-bucketed
 micro-batches, chunked log-probs, optional gradient checkpointing) against a plain PyTorch step
-(padded micro-batches, full float32 logits), as achieved FLOP/s over the measured bf16 matmul rate.
+(padded micro-batches, full float32 logits), then the same loss through the project's DeepSpeed
+engines (ZeRO-2 and ZeRO-3, bf16 with fp32 master weights), as achieved FLOP/s over the measured
+bf16 matmul rate, counted over non-padding tokens.
 
-    python -m bench.update [--shape 1.5b] [--sequences 64] [--tokens 8192] [--checkpointing]
+    python -m bench.update [--shape 1.5b] [--sequences 64] [--tokens 8192] [--no-deepspeed]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 
 import torch
 
+from agents.distributed import Dist, PlainEngine, ZeroEngine, init_distributed
 from agents.losses import agg_loss, policy_loss, value_loss
-from agents.policy import Critic, chunked_sequence_logprobs
+from agents.policy import build_critic, chunked_sequence_logprobs
 from bench.common import matmul_rate, n_params, random_qwen, table, write_results
 
 
@@ -49,23 +53,22 @@ def ours_logprobs(actor, ids, mask, pos):
     return chunked_sequence_logprobs(actor, ids, mask, pos, with_entropy=True)
 
 
-def step(actor, critic, opts, groups, logprob_fn) -> None:
-    """One optimizer step over all micro-batches (token-mean over all action tokens)."""
+def step(actor, critic, groups, logprob_fn) -> None:
+    """One optimizer step of both engines over all micro-batches (token-mean over all tokens)."""
     denom = float(sum(sum(len(s) for s in g) for g in groups))
     for g in groups:
         ids, mask, pos = padded(g)
-        logp, ent = logprob_fn(actor, ids, mask, pos)
+        logp, ent = logprob_fn(actor.model, ids, mask, pos)
         old = logp.detach() + 0.01 * torch.randn_like(logp)
         adv = torch.randn_like(logp)
         pg, _ = policy_loss(logp, old, adv, 0.2, None)
-        loss = agg_loss(pg, mask.float(), "token-mean", denom) - 1e-3 * agg_loss(ent, mask.float(), "token-mean", denom)
-        loss.backward()
-        v = critic(ids, mask, pos).float()
+        actor.backward(agg_loss(pg, mask.float(), "token-mean", denom)
+                       - 1e-3 * agg_loss(ent, mask.float(), "token-mean", denom))
+        v = critic.model(ids, mask, pos).float()
         vl = value_loss(v, v.detach() + 0.1, torch.randn_like(v), 0.5)
-        agg_loss(vl, mask.float(), "token-mean", denom).backward()
-    for o in opts:
-        o.step()
-        o.zero_grad(set_to_none=True)
+        critic.backward(agg_loss(vl, mask.float(), "token-mean", denom))
+    actor.step()
+    critic.step()
 
 
 def groups_of(seqs, budget: int, sort: bool) -> list[list[torch.Tensor]]:
@@ -80,22 +83,32 @@ def groups_of(seqs, budget: int, sort: bool) -> list[list[torch.Tensor]]:
     return out + [cur]
 
 
-def measure(name, actor, critic, seqs, budget, sort, logprob_fn, peak, repeats: int = 3) -> dict:
-    opts = [torch.optim.AdamW(m.parameters(), lr=1e-6, fused=True) for m in (actor, critic)]
+def fresh_models(shape: str):
+    torch.manual_seed(0)
+    actor = random_qwen(shape).train()
+    with torch.device("cuda"):
+        return actor, build_critic(actor, "random").train()
+
+
+def engines(actor, critic, stage: str | None, dist_: Dist):
+    """Both models behind the trainer's engines: PlainEngine (bf16 weights, fused AdamW) or ZeroEngine."""
+    if stage is None:
+        return tuple(PlainEngine(m, 1e-6, 0.0, 1.0, 0, dist_) for m in (actor, critic))
+    return tuple(ZeroEngine(m, stage, 1e-6, 0.0, 1.0, 0, dist_) for m in (actor, critic))
+
+
+def measure(name, actor, critic, seqs, budget, sort, logprob_fn, peak, flops, repeats: int = 3) -> dict:
     groups = groups_of(seqs, budget, sort)
-    step(actor, critic, opts, groups, logprob_fn)  # warm-up (optimizer state, kernels)
+    step(actor, critic, groups, logprob_fn)  # warm-up (optimizer state, kernels)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     for _ in range(repeats):
-        step(actor, critic, opts, groups, logprob_fn)
+        step(actor, critic, groups, logprob_fn)
     torch.cuda.synchronize()
     sec = (time.perf_counter() - t) / repeats
     lengths = [len(s) for s in seqs]
     padded_tokens = sum(len(g) * max(len(s) for s in g) for g in groups)
-    flops = model_flops(actor, critic, lengths)
-    del opts
-    torch.cuda.empty_cache()
     return {"path": name, "step_s": sec, "tokens": sum(lengths), "padding_pct": 100 * (1 - sum(lengths) / padded_tokens),
             "micro_batches": len(groups), "tok_s": sum(lengths) / sec, "TFLOP_s": flops / sec / 1e12,
             "mfu_pct": 100 * flops / sec / peak, "mem_GB": torch.cuda.max_memory_allocated() / 2**30}
@@ -108,24 +121,35 @@ def main() -> None:
     p.add_argument("--min-len", type=int, default=256)
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--tokens", type=int, default=8192, help="padded tokens per micro-batch")
+    p.add_argument("--no-deepspeed", action="store_true", help="skip the ZeRO-2 and ZeRO-3 rows")
     args = p.parse_args()
     peak = matmul_rate()
     print(f"bf16 matmul {peak / 1e12:.0f} TFLOP/s", flush=True)
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(args.min_len, args.max_len + 1, (args.sequences,), generator=g).tolist()
     seqs = [torch.randint(2, 150000, (n,), generator=g).cuda() for n in lengths]
-    torch.manual_seed(0)
-    actor = random_qwen(args.shape).train()
-    critic = Critic(actor.config, random_qwen(args.shape).get_decoder()).cuda().to(torch.bfloat16).train()
-    rows = [measure("plain: padded, full fp32 logits", actor, critic, seqs, args.tokens, False, plain_logprobs, peak)]
-    print(rows[-1], flush=True)
-    rows.append(measure("ours: length-bucketed, chunked logprobs", actor, critic, seqs, args.tokens, True, ours_logprobs, peak))
-    print(rows[-1], flush=True)
-    for m in (actor, critic.trunk):
-        m.gradient_checkpointing_enable()
-    rows.append(measure("ours + gradient checkpointing, 2x tokens", actor, critic, seqs, 2 * args.tokens, True,
-                        ours_logprobs, peak))
-    print(rows[-1], flush=True)
+    dist_ = init_distributed("cuda", use_deepspeed=not args.no_deepspeed)
+    rows = []
+
+    def run(name, stage, budget, sort, logprob_fn, checkpointing=False):
+        actor, critic = fresh_models(args.shape)
+        if checkpointing:
+            for m in (actor, critic.trunk):
+                m.gradient_checkpointing_enable()
+        flops = model_flops(actor, critic, lengths)  # before ZeRO-3 partitions the parameters
+        a, c = engines(actor, critic, stage, dist_)
+        rows.append(measure(name, a, c, seqs, budget, sort, logprob_fn, peak, flops))
+        print(rows[-1], flush=True)
+        del actor, critic, a, c
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    run("plain: padded, full fp32 logits", None, args.tokens, False, plain_logprobs)
+    run("ours: length-bucketed, chunked logprobs", None, args.tokens, True, ours_logprobs)
+    run("ours + gradient checkpointing, 2x tokens", None, 2 * args.tokens, True, ours_logprobs, checkpointing=True)
+    if not args.no_deepspeed:
+        run("ours, DeepSpeed ZeRO-2 (bf16, fp32 master)", "zero2", args.tokens, True, ours_logprobs)
+        run("ours, DeepSpeed ZeRO-3 (bf16, fp32 master)", "zero3", args.tokens, True, ours_logprobs)
     print(table(rows, ["path", "step_s", "tokens", "padding_pct", "micro_batches", "tok_s", "TFLOP_s", "mfu_pct", "mem_GB"]))
     path = write_results("update", {"shape": args.shape, "matmul_Fps": peak, "lengths": lengths, "rows": rows})
     print(f"wrote {path}")

@@ -8,7 +8,7 @@ import torch
 from tiny import tiny_tokenizer
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from agents.fast_decode import FastEngine, choose_tokens, keyed_uniform
+from agents.fast_decode import FastEngine, choose_tokens, invert_cdf, keyed_uniform
 from agents.policy import chunked_sequence_logprobs, sequence_logprobs
 from agents.rollout import ForcedSchedule, run_rollouts
 from envs.candidates import CandidatePool, CandidateSpec
@@ -99,6 +99,17 @@ def test_keyed_sampler_top_p_keeps_the_nucleus_and_renormalises():
     assert set(tokens.tolist()) == {0, 1}
     expected = torch.tensor([0.5 / 0.8, 0.3 / 0.8])[tokens]
     assert torch.allclose(logp.exp(), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("vocab,block", [(1000, 64), (1024, 64), (7, 1024)])
+def test_blockwise_cdf_inversion_equals_one_cumsum_over_the_row(vocab, block):
+    g = torch.Generator().manual_seed(vocab)
+    probs = torch.rand(50, vocab, generator=g) * (torch.rand(50, vocab, generator=g) > 0.3)  # zeros too
+    u = torch.rand(50, generator=g, dtype=torch.float64)
+    cum = probs.cumsum(-1, dtype=torch.float64)
+    expected = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True).squeeze(-1)
+    assert torch.equal(invert_cdf(probs, u, block), expected)
+    assert bool((probs.gather(-1, expected[:, None]) > 0).all())
 
 
 def test_keyed_uniform_is_uniform_and_keyed():
