@@ -76,27 +76,28 @@ def choose_tokens(logits: torch.Tensor, temperature: float, top_p: float, keys: 
     `win_tokens[count - win_start]` instead, with log softmax(logits / T)[token] (T = 1 if greedy).
     """
     lf = logits.float()
-    logp = torch.log_softmax(lf / (temperature or 1.0), -1)  # also the forced tokens' distribution
+    scaled = lf / temperature if temperature else lf  # the forced tokens' distribution is softmax(scaled)
+    log_z = torch.logsumexp(scaled, -1, keepdim=True)
     if temperature == 0:
         tokens = lf.argmax(-1)
-        lp = logp.gather(-1, tokens[:, None]).squeeze(-1)
+        lp = (scaled.gather(-1, tokens[:, None]) - log_z).squeeze(-1)
     else:
         u = keyed_uniform(keys, counts)
         if top_p < 1.0:
-            sorted_lp, order = logp.sort(-1, descending=True)
+            sorted_lp, order = (scaled - log_z).sort(-1, descending=True)
             sorted_p = sorted_lp.exp()
             keep = (sorted_p.cumsum(-1) - sorted_p) < top_p  # the token that crosses top_p is kept
             at = invert_cdf(sorted_p * keep, u)[:, None]
             tokens = order.gather(-1, at).squeeze(-1)
-            log_z = torch.logsumexp(sorted_lp.masked_fill(~keep, float("-inf")), -1)
-            lp = sorted_lp.gather(-1, at).squeeze(-1) - log_z
+            log_z_p = torch.logsumexp(sorted_lp.masked_fill(~keep, float("-inf")), -1)
+            lp = sorted_lp.gather(-1, at).squeeze(-1) - log_z_p
         else:
-            tokens = invert_cdf(logp.exp(), u)
-            lp = logp.gather(-1, tokens[:, None]).squeeze(-1)
+            tokens = invert_cdf((scaled - log_z).exp(), u)
+            lp = (scaled.gather(-1, tokens[:, None]) - log_z).squeeze(-1)
     at = counts - win_start
     forced = (at >= 0) & (at < win_len)
     forced_tokens = win_tokens.gather(-1, at.clamp(0, win_tokens.shape[-1] - 1)[:, None]).squeeze(-1)
-    forced_lp = logp.gather(-1, forced_tokens[:, None]).squeeze(-1)
+    forced_lp = (scaled.gather(-1, forced_tokens[:, None]) - log_z).squeeze(-1)
     return torch.where(forced, forced_tokens, tokens), torch.where(forced, forced_lp, lp)
 
 
@@ -310,10 +311,8 @@ class FastEngine:
         self.max_len, self.burst, self.bucket, self.prefill_tokens = max_len, burst, bucket, prefill_tokens
         dev = self.net.device
         self.use_graphs = (dev.type == "cuda") if use_graphs is None else use_graphs
-        self.choose = choose_tokens
         if self.use_graphs and compile:
             self.net.compile()
-            self.choose = torch.compile(choose_tokens, dynamic=False)  # the vocabulary-wide work, fused
         vocab = self.net.lm_head.shape[0]
         self.handover = handover_ids(tokenizer, vocab, eos_token_ids(tokenizer, extra_eos_ids)).to(dev)
         B = slots
@@ -339,8 +338,8 @@ class FastEngine:
         active rows, and freeze rows that chose a handover token or reached their stop count."""
         hidden = self.net.forward(self.tok[:, None], self.pos[:, None], None, kv_len)
         logits = self.net.logits(hidden[:, 0])
-        nxt, lp = self.choose(logits, temperature, top_p, self.key, self.count, self.win_start,
-                              self.win_len, self.win_tokens)
+        nxt, lp = choose_tokens(logits, temperature, top_p, self.key, self.count, self.win_start,
+                                self.win_len, self.win_tokens)
         act = self.active
         self.out_tok[:, j] = nxt
         self.out_lp[:, j] = lp
@@ -368,11 +367,11 @@ class FastEngine:
                 try:
                     self._burst(steps, kv_len, temperature, top_p)  # warm-up (and compile) outside the capture
                 except Exception as e:  # an inductor failure costs speed, never the run
-                    if self.choose is choose_tokens and self.net.compiled_layer is None:
+                    if self.net.compiled_layer is None:
                         raise
                     log.warning("torch.compile of the decode step failed (%s); decoding eagerly in CUDA graphs",
                                 str(e).splitlines()[0] if str(e) else type(e).__name__)
-                    self.choose, self.net.compiled_layer = choose_tokens, None
+                    self.net.compiled_layer = None
                     for t, s in zip((self.tok, self.pos, self.count, self.active), saved):
                         t.copy_(s)
                     self._burst(steps, kv_len, temperature, top_p)

@@ -26,7 +26,8 @@ from agents.distributed import (Dist, PlainEngine, ZeroEngine, broadcast_module,
                                 make_engine, wrap_reference)
 from agents.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from agents.losses import agg_loss, kl_loss, policy_loss, step_denominator, value_loss
-from agents.policy import build_critic, build_reference, sequence_logprobs, sequence_values
+from agents.policy import (build_critic, build_reference, chunked_sequence_logprobs, sequence_logprobs,
+                           sequence_values)
 from agents.rollout import ForcedSchedule, run_rollouts
 from envs.vector import MultiRouteVectorEnv
 from rewards import compute_reward, make_cost_normalizer
@@ -116,6 +117,9 @@ class Trainer:
         actor_engine = make_engine(actor, o.actor_lr, o.weight_decay, o.grad_clip, o.warmup_steps, dist_, ds)
         critic_engine = (make_engine(critic, o.critic_lr, o.weight_decay, o.grad_clip, o.warmup_steps, dist_,
                                      ds) if critic is not None else None)
+        # the chunked LM head keeps no (tokens x vocab) logits for the backward pass, but it reads the head's
+        # weight outside the module's forward, which DeepSpeed's hooks neither gather nor account for
+        self.logprobs = sequence_logprobs if ds else chunked_sequence_logprobs
         self.m = Models(actor_engine.model, critic_engine.model if critic_engine else None,
                         wrap_reference(ref, dist_, ds) if ref is not None else None,
                         actor_engine, critic_engine)
@@ -212,9 +216,9 @@ class Trainer:
             width = batch.input_ids.shape[1]
             pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1])).cpu()  # noqa: E731
             self.m.actor.train()  # same mode as the update's forward
-            olds.append(pad(sequence_logprobs(self.m.actor, *args, temperature=T)[0]))
+            olds.append(pad(self.logprobs(self.m.actor, *args, temperature=T)[0]))
             if self.m.ref is not None:
-                refs.append(pad(sequence_logprobs(self.m.ref, *args, temperature=T)[0]))
+                refs.append(pad(self.logprobs(self.m.ref, *args, temperature=T)[0]))
             if self.m.critic is not None:
                 vals.append(pad(sequence_values(self.m.critic, *args).float()))
         batch.old_logprobs = torch.cat(olds)
@@ -271,7 +275,7 @@ class Trainer:
                     args = (p.input_ids, p.attention_mask, p.position_ids)
                     mask = p.action_mask
                     if train_actor:
-                        logp, ent = sequence_logprobs(self.m.actor, *args, temperature=cfg.rollout.temperature or 1.0,
+                        logp, ent = self.logprobs(self.m.actor, *args, temperature=cfg.rollout.temperature or 1.0,
                                                       with_entropy=True)
                         pg, clipped = policy_loss(logp, p.old_logprobs, p.advantages, alg.clip_eps, alg.dual_clip)
                         loss = agg_loss(pg, mask, mode, denom)

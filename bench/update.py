@@ -17,7 +17,7 @@ import torch
 
 from agents.distributed import Dist, PlainEngine, ZeroEngine, init_distributed
 from agents.losses import agg_loss, policy_loss, value_loss
-from agents.policy import build_critic, chunked_sequence_logprobs
+from agents.policy import build_critic, chunked_sequence_logprobs, sequence_logprobs
 from bench.common import matmul_rate, n_params, random_qwen, table, write_results
 
 
@@ -50,7 +50,13 @@ def plain_logprobs(actor, ids, mask, pos):
 
 
 def ours_logprobs(actor, ids, mask, pos):
+    """The trainer's path without DeepSpeed: the LM head applied chunk by chunk, recomputed in backward."""
     return chunked_sequence_logprobs(actor, ids, mask, pos, with_entropy=True)
+
+
+def ds_logprobs(actor, ids, mask, pos):
+    """The trainer's path under DeepSpeed: the model's bf16 logits, float32 log-softmax chunk by chunk."""
+    return sequence_logprobs(actor, ids, mask, pos, with_entropy=True)
 
 
 def step(actor, critic, groups, logprob_fn) -> None:
@@ -144,12 +150,14 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
 
-    run("plain: padded, full fp32 logits", None, args.tokens, False, plain_logprobs)
-    run("ours: length-bucketed, chunked logprobs", None, args.tokens, True, ours_logprobs)
-    run("ours + gradient checkpointing, 2x tokens", None, 2 * args.tokens, True, ours_logprobs, checkpointing=True)
+    run("naive: padded, full fp32 logits", None, args.tokens, False, plain_logprobs)
+    run("ours, plain PyTorch: bucketed, chunked LM head", None, args.tokens, True, ours_logprobs)
+    run("ours, plain PyTorch + gradient checkpointing, 2x tokens", None, 2 * args.tokens, True, ours_logprobs,
+        checkpointing=True)
+    run("plain PyTorch, DeepSpeed rows' path: bucketed, bf16 logits", None, args.tokens, True, ds_logprobs)
     if not args.no_deepspeed:
-        run("ours, DeepSpeed ZeRO-2 (bf16, fp32 master)", "zero2", args.tokens, True, ours_logprobs)
-        run("ours, DeepSpeed ZeRO-3 (bf16, fp32 master)", "zero3", args.tokens, True, ours_logprobs)
+        run("ours, DeepSpeed ZeRO-2 (bf16, fp32 master)", "zero2", args.tokens, True, ds_logprobs)
+        run("ours, DeepSpeed ZeRO-3 (bf16, fp32 master)", "zero3", args.tokens, True, ds_logprobs)
     print(table(rows, ["path", "step_s", "tokens", "padding_pct", "micro_batches", "tok_s", "TFLOP_s", "mfu_pct", "mem_GB"]))
     path = write_results("update", {"shape": args.shape, "matmul_Fps": peak, "lengths": lengths, "rows": rows})
     print(f"wrote {path}")
