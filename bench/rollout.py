@@ -114,9 +114,13 @@ def zero3_rollout(model, engine: FastEngine, env, examples, forced, expected: li
     dist_ = init_distributed("cuda", use_deepspeed=True)
     zero = ZeroEngine(model, "zero3", 1e-6, 0.0, 1.0, 0, dist_)
     torch.cuda.synchronize()
-    t = time.perf_counter()
+    t = time.perf_counter()  # the check below is inside the timing: it makes it slightly pessimistic
+    before = [t.clone() for t in (engine.net.embed, engine.net.layers[0].qkv, engine.net.layers[-1].down)]
     with zero.generation() as policy:
         engine.load_weights(policy)
+        drift = max(float((a.float() - b.float()).abs().max()) for a, b in
+                    zip(before, (engine.net.embed, engine.net.layers[0].qkv, engine.net.layers[-1].down)))
+        print(f"ZeRO-3 gathered weights vs the engine's copy: max abs diff {drift}", flush=True)
         _, stats = run_rollouts(policy, env, examples, 1.0, 1.0, 0, 1, 0, forced=forced, engine=engine)
     torch.cuda.synchronize()
     sec = time.perf_counter() - t
