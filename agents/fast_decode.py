@@ -319,7 +319,8 @@ class FastEngine:
         z = lambda dtype=torch.long: torch.zeros(B, dtype=dtype, device=dev)
         self.tok, self.pos, self.count, self.stop_at, self.key = z(), z(), z(), z(), z()
         self.win_start, self.win_len, self.active = z(), z(), z(torch.bool)
-        self.win_tokens = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        self.win_buffers = {1: torch.zeros(B, 1, dtype=torch.long, device=dev)}  # forced windows, by width
+        self.win_tokens = self.win_buffers[1]
         self.out_tok = torch.zeros(B, burst, dtype=torch.long, device=dev)
         self.out_lp = torch.zeros(B, burst, dtype=torch.float, device=dev)
         self.out_valid = torch.zeros(B, burst, dtype=torch.bool, device=dev)
@@ -412,8 +413,9 @@ class FastEngine:
             rows["win_len"].append(len(chunk))
             win_rows.append(chunk)
         width = max(1, max(len(c) for c in win_rows))
-        if self.win_tokens.shape[1] != width:
-            self.win_tokens = torch.zeros(len(slots), width, dtype=torch.long, device=self.net.device)
+        if width not in self.win_buffers:  # kept for good: captured graphs read it at this address
+            self.win_buffers[width] = torch.zeros(len(slots), width, dtype=torch.long, device=self.net.device)
+        self.win_tokens = self.win_buffers[width]
         self.win_tokens.copy_(torch.tensor([c + [0] * (width - len(c)) for c in win_rows]))
         for name, values in rows.items():
             getattr(self, name).copy_(torch.tensor(values, dtype=getattr(self, name).dtype))

@@ -62,6 +62,19 @@ def test_multi_turn_with_inserted_replies_and_refilled_slots_equals_the_simple_p
         assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)
 
 
+def test_forced_window_buffers_keep_their_address_across_phases():
+    """CUDA graphs record addresses: a buffer a graph reads must never be reallocated."""
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok))
+    env = make_env(tok, 70)
+    forced = ForcedSchedule.calls_then_answer(tok, "Geo-Expert", [3, 25], 45)  # two window widths
+    engine = FastEngine(model, tok, slots=2, max_len=256, burst=4, bucket=32)
+    run_rollouts(model, env, EXAMPLES, 0.0, 1.0, 0, 0, tok.pad_token_id, forced=forced, engine=engine)
+    first = {w: t.data_ptr() for w, t in engine.win_buffers.items()}
+    run_rollouts(model, env, EXAMPLES, 0.0, 1.0, 0, 1, tok.pad_token_id, forced=forced, engine=engine)
+    assert len(first) >= 2 and {w: t.data_ptr() for w, t in engine.win_buffers.items()} == first
+
+
 def test_sampled_logprobs_match_a_teacher_forced_forward_and_do_not_depend_on_slots():
     tok = tiny_tokenizer()
     model = tiny_model(len(tok))
