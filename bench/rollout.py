@@ -66,7 +66,7 @@ def hf_generate(model, ids, new: int, cache: str | None) -> float:
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None)
     if cache:
         kw["cache_implementation"] = cache
-    model.generate(ids[:, :16], **dict(kw, max_new_tokens=8, min_new_tokens=8))  # warm-up
+    model.generate(ids, attention_mask=torch.ones_like(ids), **kw)  # warm-up on the same shapes (static cache, kernels)
     torch.cuda.synchronize()
     t = time.perf_counter()
     model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
