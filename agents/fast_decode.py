@@ -442,7 +442,7 @@ class FastEngine:
             for r, (_, _, seq, start) in enumerate(group):
                 if start + len(seq) > self.max_len:
                     raise ValueError(f"an episode needs {start + len(seq)} cache positions, past the engine's "
-                                 f"max_len={self.max_len} (raise rollout.engine_max_len)")
+                                     f"max_len={self.max_len} (raise rollout.engine_max_len)")
                 ids[r, :len(seq)] = torch.tensor(seq)
                 positions[r, :len(seq)] = torch.arange(start, start + len(seq))
             rows = torch.tensor([j[0] for j in group], device=dev)

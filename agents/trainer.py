@@ -18,10 +18,10 @@ import numpy as np
 import torch
 import yaml
 
+from agents import fast_decode
 from agents.advantages import AdvantageConfig, AdvantageInput, get_advantage, grpo_group_ids, repeat_for_group
 from agents.batch import RolloutBatch, build_batch, micro_batches
 from agents.config import TrainConfig, redacted
-from agents import fast_decode
 from agents.distributed import (Dist, PlainEngine, ZeroEngine, broadcast_module, idle_forward, lockstep,
                                 make_engine, wrap_reference)
 from agents.kl import AdaptiveKLController, FixedKLController, kl_estimate
