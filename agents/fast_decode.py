@@ -311,8 +311,10 @@ class FastEngine:
         self.max_len, self.burst, self.bucket, self.prefill_tokens = max_len, burst, bucket, prefill_tokens
         dev = self.net.device
         self.use_graphs = (dev.type == "cuda") if use_graphs is None else use_graphs
+        self.choose = choose_tokens
         if self.use_graphs and compile:
             self.net.compile()
+            self.choose = torch.compile(choose_tokens, dynamic=False)  # the vocabulary-wide work, fused
         vocab = self.net.lm_head.shape[0]
         self.handover = handover_ids(tokenizer, vocab, eos_token_ids(tokenizer, extra_eos_ids)).to(dev)
         B = slots
@@ -339,8 +341,8 @@ class FastEngine:
         active rows, and freeze rows that chose a handover token or reached their stop count."""
         hidden = self.net.forward(self.tok[:, None], self.pos[:, None], None, kv_len)
         logits = self.net.logits(hidden[:, 0])
-        nxt, lp = choose_tokens(logits, temperature, top_p, self.key, self.count, self.win_start,
-                                self.win_len, self.win_tokens)
+        nxt, lp = self.choose(logits, temperature, top_p, self.key, self.count, self.win_start,
+                              self.win_len, self.win_tokens)
         act = self.active
         self.out_tok[:, j] = nxt
         self.out_lp[:, j] = lp
@@ -368,11 +370,11 @@ class FastEngine:
                 try:
                     self._burst(steps, kv_len, temperature, top_p)  # warm-up (and compile) outside the capture
                 except Exception as e:  # an inductor failure costs speed, never the run
-                    if self.net.compiled_layer is None:
+                    if self.net.compiled_layer is None and self.choose is choose_tokens:
                         raise
                     log.warning("torch.compile of the decode step failed (%s); decoding eagerly in CUDA graphs",
                                 str(e).splitlines()[0] if str(e) else type(e).__name__)
-                    self.net.compiled_layer = None
+                    self.net.compiled_layer, self.choose = None, choose_tokens
                     for t, s in zip((self.tok, self.pos, self.count, self.active), saved):
                         t.copy_(s)
                     self._burst(steps, kv_len, temperature, top_p)
