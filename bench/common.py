@@ -111,7 +111,7 @@ def table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def bpe_tokenizer(corpus: list[str], vocab_size: int):
+def bpe_tokenizer(corpus: list[str], vocab_size: int, repeat: int = 5):
     """A small byte-level BPE trained on `corpus` (any text round-trips; ids past its vocabulary
     decode to nothing, as a checkpoint's padded vocabulary slots do), with distinct pad and eos."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -121,5 +121,5 @@ def bpe_tokenizer(corpus: list[str], vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|pad|>", "<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus * 5, trainer)
+    tok.train_from_iterator(corpus * repeat, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|endoftext|>")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from bench.common import bpe_tokenizer
 from envs.tags import TAGS
 
 CORPUS = [
@@ -20,13 +20,7 @@ CORPUS = [
 
 def tiny_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on a few lines: any text round-trips; pad and eos are distinct."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|pad|>", "<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS * 3, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|endoftext|>")
+    return bpe_tokenizer(CORPUS, vocab_size, repeat=3)
 
 
 def tiny_tag_tokenizer() -> PreTrainedTokenizerFast:
