@@ -93,14 +93,25 @@ def build_batch(episodes: Sequence[Episode], scores: Sequence[float], group_ids:
     )
 
 
-def micro_batches(batch: RolloutBatch, token_budget: int) -> list[RolloutBatch]:
-    """Split rows (in order) into micro-batches of at most `token_budget` padded tokens each."""
+def micro_batch_rows(lengths: Sequence[int], token_budget: int, packed: bool = False) -> list[torch.Tensor]:
+    """Row indices of micro-batches: rows sorted by length (an optimizer step's loss sums over all
+    of its rows, so their order is free and sorting keeps padding low), split before a row that
+    would take a micro-batch past `token_budget` tokens: rows x the longest row when padded, the sum
+    of the lengths when `packed`. A row longer than the budget goes alone."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    out, cur, width, total = [], [], 0, 0
+    for i in order:
+        n = lengths[i]
+        cost = total + n if packed else max(width, n) * (len(cur) + 1)
+        if cur and cost > token_budget:
+            out.append(torch.tensor(cur))
+            cur, width, total = [], 0, 0
+        cur.append(i)
+        width, total = max(width, n), total + n
+    return out + [torch.tensor(cur)]
+
+
+def micro_batches(batch: RolloutBatch, token_budget: int, packed: bool = False) -> list[RolloutBatch]:
+    """The rows of `batch` in micro-batches of `micro_batch_rows`."""
     lengths = batch.attention_mask.sum(1).tolist()
-    out, start, width = [], 0, 0
-    for i, n in enumerate(lengths):
-        if i > start and max(width, n) * (i - start + 1) > token_budget:
-            out.append(batch.select(torch.arange(start, i)))
-            start, width = i, 0
-        width = max(width, n)
-    out.append(batch.select(torch.arange(start, len(lengths))))
-    return out
+    return [batch.select(rows) for rows in micro_batch_rows(lengths, token_budget, packed)]

@@ -57,6 +57,10 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     micro_batch_tokens: int = 16384  # token budget of a forward/backward micro-batch
+    # run each micro-batch as one packed sequence without padding (position resets mark the
+    # sequences); pays off with model.attn_implementation=flex_attention, whose block mask skips the
+    # pairs of different sequences (SDPA gets a dense mask over the whole packed row)
+    pack_sequences: bool = False
     # benchmarks and random-weight runs: at these policy-token counts the engine writes a call to the
     # first candidate instead of sampling, and at forced_answer_at an answer (random weights never
     # write tags, so this is how calls, <info> insertion and masking get exercised)
@@ -184,7 +188,7 @@ class TrainConfig:
     log_every: int = 1
     n_samples_logged: int = 2  # sample trajectories written per logging step
     wandb: bool = False
-    deepspeed: str | None = None  # zero2 | zero3 | zero3_offload (configs/deepspeed/<name>.json)
+    deepspeed: str | None = None  # zero2 | zero3 | zero3_offload (configs/deepspeed/<name>.json) | a .json path
     device: str = "auto"  # auto | cpu | cuda
 
     def __post_init__(self):
@@ -196,7 +200,10 @@ class TrainConfig:
             raise ValueError(f"rollout.n_prompts * rollout.n_per_prompt = "
                              f"{self.rollout.n_prompts * self.rollout.n_per_prompt} episodes must be a multiple "
                              f"of algorithm.minibatch_size={self.algorithm.minibatch_size}")
-        if self.deepspeed is not None:
+        if self.deepspeed is not None and self.deepspeed.endswith(".json"):
+            if not Path(self.deepspeed).is_file():
+                raise ValueError(f"deepspeed={self.deepspeed!r}: no such file")
+        elif self.deepspeed is not None:
             _one_of("deepspeed", self.deepspeed, ("zero2", "zero3", "zero3_offload"))
         _one_of("device", self.device, ("auto", "cpu", "cuda"))
 

@@ -208,14 +208,15 @@ class PlainEngine:
 
 def deepspeed_config(name: str, lr: float, weight_decay: float, grad_clip: float, on_cuda: bool,
                      with_optimizer: bool = True) -> dict:
-    """configs/deepspeed/<name>.json with the values our config owns filled in.
+    """configs/deepspeed/<name>.json (or the JSON file `name` ends in .json) with the values our
+    config owns filled in.
 
     One micro-batch per gradient-accumulation window in DeepSpeed's own bookkeeping: the trainer calls
     `backward` once per micro-batch and `step` once per optimizer step (unmanaged accumulation), and
     every loss is already normalised by the step's global count. bf16 with fp32 master weights on
     GPUs, fp32 on CPU. Without an optimizer (the frozen reference) ZeRO-2 is plain data parallel.
     """
-    path = DEEPSPEED_CONFIGS / f"{name}.json"
+    path = Path(name) if name.endswith(".json") else DEEPSPEED_CONFIGS / f"{name}.json"
     if not path.exists():
         known = sorted(p.stem for p in DEEPSPEED_CONFIGS.glob("*.json"))
         raise ValueError(f"deepspeed={name!r}: no {path}; known configs: {known}")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import flex_attention
 
 from agents.rollout import ForcedSchedule, RolloutStats, episode_seed
 from envs.episode import GENERATING, eos_token_ids
@@ -126,11 +127,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
+def flex_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                          positions: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per row, q (N, heads, 1, d), over keys/values (N, kv_heads, L, d)
+    read in place (grouped-query), key s visible iff s <= positions[n]. Under torch.compile this is
+    one fused FlexAttention decoding kernel instead of two batched matmuls and a softmax."""
+    def visible(score, b, h, q_idx, kv_idx):
+        return torch.where(kv_idx <= positions[b], score, float("-inf"))
+    return flex_attention(q, keys, values, score_mod=visible, enable_gqa=True)
+
+
 def decoder_layer(x, norm1, qkv, qkv_bias, out, norm2, gate_up, down, kc, vc, rows, slots, positions, cos, sin,
-                  hidden_mask, kv_len: int, heads: int, kv_heads: int, eps: float) -> torch.Tensor:
+                  hidden_mask, kv_len: int, heads: int, kv_heads: int, eps: float, flex: bool = False) -> torch.Tensor:
     """One pre-norm decoder layer on x (N, Lq, hidden): fused QKV, RoPE, K/V written into the cache
     rows `rows` at `positions`, grouped-query attention over the first `kv_len` cache positions
-    (masked by `hidden_mask`), output projection, fused gate-up SwiGLU MLP; residuals in x's dtype."""
+    (masked by `hidden_mask`; in decode by FlexAttention if `flex`), output projection, fused
+    gate-up SwiGLU MLP; residuals in x's dtype."""
     N, Lq, _ = x.shape
     d = cos.shape[-1]
     g = heads // kv_heads
@@ -145,7 +157,9 @@ def decoder_layer(x, norm1, qkv, qkv_bias, out, norm2, gate_up, down, kc, vc, ro
     keys, values = kc[:, :, :kv_len], vc[:, :, :kv_len]
     if slots is not None:
         keys, values = keys[slots], values[slots]
-    if Lq == 1:  # decode: grouped-query attention read in place, the g query heads of a KV head share its rows
+    if Lq == 1 and flex:
+        attn = flex_decode_attention(q.transpose(1, 2), keys, values, positions[:, 0]).view(N, 1, heads * d)
+    elif Lq == 1:  # decode: grouped-query attention read in place, the g query heads of a KV head share its rows
         qg = q.view(N, kv_heads, g, d)
         scores = torch.matmul(qg, keys.transpose(-1, -2)).view(N, kv_heads, g, 1, kv_len)
         scores = (scores.float() * d ** -0.5).masked_fill(hidden_mask, float("-inf"))
@@ -212,6 +226,7 @@ class FastModel:
         cos, sin = trunk.rotary_emb(probe, positions)  # the model's own RoPE table, in its dtype
         self.cos, self.sin = cos[0], sin[0]
         self.compiled_layer = None
+        self.flex = False  # decode attention through FlexAttention (only compiled: eager it is unfused)
 
     @torch.no_grad()
     def load_weights(self, model) -> None:
@@ -225,11 +240,11 @@ class FastModel:
         for dst, src in zip(mine, theirs):
             dst.copy_(src)
 
-    def compile(self) -> None:
+    def compile(self, flex: bool = False) -> None:
         """Fuse each decode layer's small operations with torch.compile (GPU; one compile per shape,
-        shared by all layers). Prefill stays eager: its shapes change every call."""
+        shared by all layers), with FlexAttention's decoding kernel if `flex`. Prefill stays eager."""
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # shapes x buckets
-        self.compiled_layer = torch.compile(decoder_layer, dynamic=False)
+        self.compiled_layer, self.flex = torch.compile(decoder_layer, dynamic=False), flex
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None,
                 kv_len: int) -> torch.Tensor:
@@ -244,10 +259,12 @@ class FastModel:
         # (N, 1, 1, Lq, kv_len): key s is visible to the query at position p iff s <= p
         hidden_mask = (keys_at[None, None, :] > positions[:, :, None])[:, None, None]
         x = F.embedding(ids, self.embed)
-        layer = self.compiled_layer if (slots is None and self.compiled_layer is not None) else decoder_layer
+        compiled = slots is None and self.compiled_layer is not None
+        layer = self.compiled_layer if compiled else decoder_layer
         for w, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
             x = layer(x, w.norm1, w.qkv, w.qkv_bias, w.out, w.norm2, w.gate_up, w.down, kc, vc, rows, slots,
-                      positions, cos, sin, hidden_mask, kv_len, self.heads, self.kv_heads, self.eps)
+                      positions, cos, sin, hidden_mask, kv_len, self.heads, self.kv_heads, self.eps,
+                      flex=compiled and self.flex)
         return rms_norm(x, self.final_norm, self.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -306,14 +323,14 @@ class FastEngine:
 
     def __init__(self, model, tokenizer, slots: int, max_len: int, burst: int = 16, bucket: int = 256,
                  prefill_tokens: int = 16384, use_graphs: bool | None = None, compile: bool = True,
-                 extra_eos_ids=()):
+                 flex_decode: bool = False, extra_eos_ids=()):
         self.net = FastModel(model, slots, max_len + burst + 1)
         self.max_len, self.burst, self.bucket, self.prefill_tokens = max_len, burst, bucket, prefill_tokens
         dev = self.net.device
         self.use_graphs = (dev.type == "cuda") if use_graphs is None else use_graphs
         self.choose = choose_tokens
         if self.use_graphs and compile:
-            self.net.compile()
+            self.net.compile(flex_decode)
             self.choose = torch.compile(choose_tokens, dynamic=False)  # the vocabulary-wide work, fused
         vocab = self.net.lm_head.shape[0]
         self.handover = handover_ids(tokenizer, vocab, eos_token_ids(tokenizer, extra_eos_ids)).to(dev)
@@ -327,6 +344,8 @@ class FastEngine:
         self.out_lp = torch.zeros(B, burst, dtype=torch.float, device=dev)
         self.out_valid = torch.zeros(B, burst, dtype=torch.bool, device=dev)
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.prefill_graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor]]] = {}
+        self.prefill_out = torch.zeros(B, vocab, dtype=self.net.dtype, device=dev) if self.use_graphs else None
         self.pool = None
         self.timings = {"prefill_s": 0.0, "decode_s": 0.0, "env_s": 0.0}  # wall time of each part of `run`
 
@@ -374,7 +393,7 @@ class FastEngine:
                         raise
                     log.warning("torch.compile of the decode step failed (%s); decoding eagerly in CUDA graphs",
                                 str(e).splitlines()[0] if str(e) else type(e).__name__)
-                    self.net.compiled_layer, self.choose = None, choose_tokens
+                    self.net.compiled_layer, self.net.flex, self.choose = None, False, choose_tokens
                     for t, s in zip((self.tok, self.pos, self.count, self.active), saved):
                         t.copy_(s)
                     self._burst(steps, kv_len, temperature, top_p)
@@ -424,42 +443,80 @@ class FastEngine:
         return max((stop - count for stop, count, run in zip(rows["stop_at"], rows["count"], rows["active"]) if run),
                    default=1)
 
+    def _prefill_logits(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, last: torch.Tensor,
+                        kv_len: int) -> torch.Tensor:
+        """Logits (n, V) after appending ids (n, w) at positions into cache rows `rows`, read at column
+        `last` of each row. On GPU one CUDA graph per (n, w, kv_len) bucket: an eager prefill spends
+        most of its time launching kernels when it appends a few dozen reply tokens."""
+        if not self.use_graphs:
+            hidden = self.net.forward(ids, positions, rows, kv_len)
+            return self.net.logits(hidden[torch.arange(len(rows), device=rows.device), last])
+        key = (*ids.shape, kv_len)
+        if key not in self.prefill_graphs:
+            n = ids.shape[0]
+            inputs = [t.clone() for t in (ids, positions, rows, last)]
+
+            def forward():
+                hidden = self.net.forward(inputs[0], inputs[1], inputs[2], kv_len)
+                self.prefill_out[:n].copy_(self.net.logits(hidden[torch.arange(n, device=hidden.device), inputs[3]]))
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                forward()  # warm-up outside the capture; it writes the same K/V the replay writes
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                forward()
+            self.pool = graph.pool()
+            self.prefill_graphs[key] = (graph, inputs)
+        graph, inputs = self.prefill_graphs[key]
+        for dst, src in zip(inputs, (ids, positions, rows, last)):
+            dst.copy_(src)
+        graph.replay()
+        return self.prefill_out[:ids.shape[0]]
+
     def _prefill(self, jobs: list[tuple[int, Slot, list[int], int]], env, keys, windows,
                  temperature: float, top_p: float) -> list[tuple[int, int, float]]:
         """Append ids into the cache rows of the given slots (prompts, or a last token plus the env's
         `<info>` ids), then choose each slot's next token. jobs: (row, slot, ids, start position).
+        Groups are padded to a power-of-two row count and a width of `_bucket_width` and their cache
+        length rounded up to `bucket`, so few shapes recur (each is one CUDA graph): padding rows
+        repeat the group's first row, and every padding token sits at the scratch position.
         Returns (row, token, log-prob) per job."""
         chosen = []
         dev = self.net.device
+        rows_for = lambda n: min(1 << max(n - 1, 0).bit_length(), self.net.slots)  # noqa: E731
         i = 0
         while i < len(jobs):  # groups of at most `prefill_tokens` padded tokens
             group = [jobs[i]]
             i += 1
-            while i < len(jobs) and (len(group) + 1) * max(len(j[2]) for j in group + [jobs[i]]) <= self.prefill_tokens:
+            while (i < len(jobs) and rows_for(len(group) + 1)
+                   * _bucket_width(max(len(j[2]) for j in group + [jobs[i]])) <= self.prefill_tokens):
                 group.append(jobs[i])
                 i += 1
-            width = max(len(j[2]) for j in group)
-            ids = torch.zeros(len(group), width, dtype=torch.long)
-            positions = torch.full((len(group), width), self.net.scratch, dtype=torch.long)
+            n, width = rows_for(len(group)), _bucket_width(max(len(j[2]) for j in group))
+            ids = torch.zeros(n, width, dtype=torch.long)
+            positions = torch.full((n, width), self.net.scratch, dtype=torch.long)
             for r, (_, _, seq, start) in enumerate(group):
                 if start + len(seq) > self.max_len:
                     raise ValueError(f"an episode needs {start + len(seq)} cache positions, past the engine's "
                                      f"max_len={self.max_len} (raise rollout.engine_max_len)")
                 ids[r, :len(seq)] = torch.tensor(seq)
                 positions[r, :len(seq)] = torch.arange(start, start + len(seq))
-            rows = torch.tensor([j[0] for j in group], device=dev)
-            kv_len = max(j[3] + len(j[2]) for j in group)
-            hidden = self.net.forward(ids.to(dev), positions.to(dev), rows, kv_len)
-            last = torch.tensor([len(j[2]) - 1 for j in group], device=dev)
-            logits = self.net.logits(hidden[torch.arange(len(group), device=dev), last])
+            rows = torch.tensor([j[0] for j in group] + [group[0][0]] * (n - len(group)))
+            last = torch.tensor([len(j[2]) - 1 for j in group] + [0] * (n - len(group)))
+            top = max(j[3] + len(j[2]) for j in group)
+            kv_len = min(self.net.scratch, -(-top // self.bucket) * self.bucket)
+            logits = self._prefill_logits(ids.to(dev), positions.to(dev), rows.to(dev), last.to(dev), kv_len)
             counts, starts, lens, chunks = [], [], [], []
             for _, s, _, _ in group:
                 count = env.episodes[s.episode].policy_tokens
                 start, chunk, _ = _window_at(windows, count)
                 counts.append(count), starts.append(start), lens.append(len(chunk)), chunks.append(chunk)
             width = max(1, max(len(c) for c in chunks))
-            as_dev = lambda v: torch.tensor(v, dtype=torch.long, device=dev)
-            tokens, lps = choose_tokens(logits, temperature, top_p, as_dev([keys[s.episode] for _, s, _, _ in group]),
+            as_dev = lambda v: torch.tensor(v, dtype=torch.long, device=dev)  # noqa: E731
+            tokens, lps = choose_tokens(logits[:len(group)], temperature, top_p,
+                                        as_dev([keys[s.episode] for _, s, _, _ in group]),
                                         as_dev(counts), as_dev(starts), as_dev(lens),
                                         as_dev([c + [0] * (width - len(c)) for c in chunks]))
             chosen += [(j[0], t, lp) for j, t, lp in zip(group, tokens.tolist(), lps.tolist())]
@@ -539,6 +596,13 @@ class FastEngine:
                         break  # later tokens of this row (if any) are discarded; the cache is overwritten
             self.timings["env_s"] += time.perf_counter() - t1
         return logps, stats
+
+
+def _bucket_width(n: int) -> int:
+    """n rounded up to a multiple of 1/8 of its power of two (at least 16): at most 12.5% padding,
+    eight shapes per octave."""
+    step = max(16, (1 << max(n - 1, 0).bit_length()) // 8)
+    return -(-n // step) * step
 
 
 def _window_at(windows: list[tuple[int, list[int]]], count: int) -> tuple[int, list[int], int]:

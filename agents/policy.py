@@ -105,11 +105,35 @@ def logprobs_and_entropy(
     return logp, (torch.cat(ents).view(B, T) if with_entropy else None)
 
 
+def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The real tokens of right-padded rows (B, T) as one row (1, N): (ids, positions, their flat
+    indices in B * T). Called with these positions and no attention mask, a transformers model
+    reads each reset of the positions to 0 as a new sequence and keeps attention within it."""
+    index = attention_mask.reshape(-1).nonzero().squeeze(1)
+    return input_ids.reshape(-1)[index][None], position_ids.reshape(-1)[index][None], index
+
+
+def unpack_next(x: torch.Tensor, index: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Packed per-token outputs x (N - 1,), the k-th computed at packed token k about token k + 1,
+    back in the (B, T) layout of `pack_rows`: at token k + 1's place, 0 at each row's first token
+    (a sequence start: nothing precedes it) and on padding."""
+    out = x.new_zeros(shape[0] * shape[1]).index_put((index[1:],), x).view(shape)
+    return torch.cat([torch.zeros_like(out[:, :1]), out[:, 1:]], 1)
+
+
 def sequence_logprobs(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-    temperature: float = 1.0, with_entropy: bool = False,
+    temperature: float = 1.0, with_entropy: bool = False, pack: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log p(x_t | x_<t), (B, T) aligned with `input_ids` (position 0 is 0)."""
+    """Per-token log p(x_t | x_<t), (B, T) aligned with `input_ids` (position 0 is 0). `pack` runs
+    the rows as one packed sequence without padding (`pack_rows`)."""
+    if pack:
+        ids, pos, index = pack_rows(input_ids, attention_mask, position_ids)
+        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
+        logp, ent = logprobs_and_entropy(logits[:, :-1], ids[:, 1:], temperature, with_entropy=with_entropy)
+        return (unpack_next(logp[0], index, input_ids.shape),
+                unpack_next(ent[0], index, input_ids.shape) if ent is not None else None)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    use_cache=False).logits
     logp, ent = logprobs_and_entropy(logits[:, :-1], input_ids[:, 1:], temperature, with_entropy=with_entropy)
@@ -117,8 +141,11 @@ def sequence_logprobs(
     return torch.cat([pad, logp], 1), (torch.cat([pad, ent], 1) if ent is not None else None)
 
 
-def sequence_values(critic: Critic, input_ids, attention_mask, position_ids) -> torch.Tensor:
+def sequence_values(critic: Critic, input_ids, attention_mask, position_ids, pack: bool = False) -> torch.Tensor:
     """V of the state before each token, (B, T) aligned with `input_ids` (position 0 is 0)."""
+    if pack:
+        ids, pos, index = pack_rows(input_ids, attention_mask, position_ids)
+        return unpack_next(critic(ids, None, pos)[0, :-1], index, input_ids.shape)
     values = critic(input_ids, attention_mask, position_ids)
     return torch.cat([torch.zeros_like(values[:, :1]), values[:, :-1]], 1)
 
@@ -137,11 +164,15 @@ def _head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
 
 def chunked_sequence_logprobs(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-    temperature: float = 1.0, with_entropy: bool = False, chunk: int = 2048,
+    temperature: float = 1.0, with_entropy: bool = False, chunk: int = 2048, pack: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`sequence_logprobs` without (tokens x vocab) logits: the trunk's hidden states go through the
     LM head `chunk` positions at a time, and under autograd each chunk's logits are recomputed in the
     backward pass instead of kept, so peak memory holds one chunk's float32 logits."""
+    index = None
+    if pack:
+        input_ids, position_ids, index = pack_rows(input_ids, attention_mask, position_ids)
+        attention_mask, shape = None, attention_mask.shape
     hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                  use_cache=False).last_hidden_state
     B, T, D = hidden.shape
@@ -156,6 +187,9 @@ def chunked_sequence_logprobs(
             lp, ent = _head_logprobs(*args)
         logps.append(lp)
         ents.append(ent)
+    if index is not None:
+        return (unpack_next(torch.cat(logps), index, shape),
+                unpack_next(torch.cat(ents), index, shape) if with_entropy else None)
     pad = hidden.new_zeros(B, 1, dtype=torch.float32)
     logp = torch.cat([pad, torch.cat(logps).view(B, T - 1)], 1)
     return logp, (torch.cat([pad, torch.cat(ents).view(B, T - 1)], 1) if with_entropy else None)

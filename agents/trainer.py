@@ -11,6 +11,7 @@ import random
 import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,7 +21,7 @@ import yaml
 
 from agents import fast_decode
 from agents.advantages import AdvantageConfig, AdvantageInput, get_advantage, grpo_group_ids, repeat_for_group
-from agents.batch import RolloutBatch, build_batch, micro_batches
+from agents.batch import RolloutBatch, build_batch, micro_batch_rows, micro_batches
 from agents.config import TrainConfig, redacted
 from agents.distributed import (Dist, PlainEngine, ZeroEngine, broadcast_module, idle_forward, lockstep,
                                 make_engine, wrap_reference)
@@ -119,7 +120,9 @@ class Trainer:
                                      ds) if critic is not None else None)
         # the chunked LM head keeps no (tokens x vocab) logits for the backward pass, but it reads the head's
         # weight outside the module's forward, which DeepSpeed's hooks neither gather nor account for
-        self.logprobs = sequence_logprobs if ds else chunked_sequence_logprobs
+        self.logprobs = partial(sequence_logprobs if ds else chunked_sequence_logprobs,
+                                pack=cfg.rollout.pack_sequences)
+        self.values = partial(sequence_values, pack=cfg.rollout.pack_sequences)
         self.m = Models(actor_engine.model, critic_engine.model if critic_engine else None,
                         wrap_reference(ref, dist_, ds) if ref is not None else None,
                         actor_engine, critic_engine)
@@ -202,28 +205,30 @@ class Trainer:
     @torch.no_grad()
     def score_tokens(self, batch: RolloutBatch) -> RolloutBatch:
         """old_logprobs (a training-mode forward of the current policy), ref_logprobs, values."""
-        T = self.cfg.rollout.temperature or 1.0
-        olds, refs, vals = [], [], []
+        r = self.cfg.rollout
+        T = r.temperature or 1.0
+        shape = batch.input_ids.shape
+        olds, refs, vals = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
         device = self.dist.device
-        for mb in lockstep(micro_batches(batch, self.cfg.rollout.micro_batch_tokens), self.dist):
-            if mb is None:  # another rank has more micro-batches: ZeRO-3 needs every rank's pass
+        pieces = micro_batch_rows(batch.attention_mask.sum(1).tolist(), r.micro_batch_tokens, r.pack_sequences)
+        for rows in lockstep(pieces, self.dist):
+            if rows is None:  # another rank has more micro-batches: ZeRO-3 needs every rank's pass
                 for model in (self.m.actor, self.m.ref, self.m.critic):
                     if model is not None:
                         idle_forward(model, device)
                 continue
-            mb = mb.to(device)
+            mb = batch.select(rows).to(device)
             args = (mb.input_ids, mb.attention_mask, mb.position_ids)
-            width = batch.input_ids.shape[1]
-            pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1])).cpu()  # noqa: E731
+            width = mb.input_ids.shape[1]
             self.m.actor.train()  # same mode as the update's forward
-            olds.append(pad(self.logprobs(self.m.actor, *args, temperature=T)[0]))
+            olds[rows, :width] = self.logprobs(self.m.actor, *args, temperature=T)[0].float().cpu()
             if self.m.ref is not None:
-                refs.append(pad(self.logprobs(self.m.ref, *args, temperature=T)[0]))
+                refs[rows, :width] = self.logprobs(self.m.ref, *args, temperature=T)[0].float().cpu()
             if self.m.critic is not None:
-                vals.append(pad(sequence_values(self.m.critic, *args).float()))
-        batch.old_logprobs = torch.cat(olds)
-        batch.ref_logprobs = torch.cat(refs) if refs else None
-        batch.values = torch.cat(vals) if vals else None
+                vals[rows, :width] = self.values(self.m.critic, *args).float().cpu()
+        batch.old_logprobs = olds
+        batch.ref_logprobs = refs if self.m.ref is not None else None
+        batch.values = vals if self.m.critic is not None else None
         return batch
 
     def add_kl_and_advantages(self, batch: RolloutBatch) -> dict[str, float]:
@@ -262,7 +267,8 @@ class Trainer:
         for _ in range(alg.ppo_epochs):
             order = torch.randperm(len(batch), generator=g)
             for start in range(0, len(batch), per_rank_mb):
-                pieces = micro_batches(batch.select(order[start:start + per_rank_mb]), cfg.rollout.micro_batch_tokens)
+                pieces = micro_batches(batch.select(order[start:start + per_rank_mb]), cfg.rollout.micro_batch_tokens,
+                                       cfg.rollout.pack_sequences)
                 denom = step_denominator([p.action_mask for p in pieces], mode)  # global over ranks
                 finite = True
                 for p in lockstep(pieces, self.dist):
@@ -297,7 +303,7 @@ class Trainer:
                             # approx KL(old || new), Schulman's k3 estimator as in cleanrl
                             add("actor/approx_kl", ((log_ratio.exp() - 1) - log_ratio).mul(mask).sum() / n_act)
                     if self.m.critic is not None:
-                        v = sequence_values(self.m.critic, *args)
+                        v = self.values(self.m.critic, *args)
                         vl = value_loss(v, p.values, p.returns, alg.value_clip)
                         closs = alg.vf_coef * agg_loss(vl, mask, mode, denom)
                         finite &= bool(torch.isfinite(closs))

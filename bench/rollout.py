@@ -130,10 +130,10 @@ def zero3_rollout(model, engine: FastEngine, env, examples, forced, expected: li
 
 
 def run_shape(shape: str, batch: int, prompt: int, new: int, bandwidth: float, tok, hf: bool,
-              profile: bool = False, zero3: bool = False) -> dict:
+              profile: bool = False, zero3: bool = False, flex: bool = False) -> dict:
     torch.manual_seed(0)
     model = random_qwen(shape)
-    row = {"shape": shape, "batch": batch, "params_M": n_params(model) / 1e6}
+    row = {"shape": shape, "batch": batch, "attention": "flex" if flex else "matmul", "params_M": n_params(model) / 1e6}
     step_bytes, limit = decode_limit(model, batch, prompt + new / 2, bandwidth)
     row.update(limit_tok_s=limit, step_MB=step_bytes / 1e6)
     if hf:
@@ -144,7 +144,7 @@ def run_shape(shape: str, batch: int, prompt: int, new: int, bandwidth: float, t
     # pure decode: one CUDA graph per burst, all rows active
     env = make_env(tok, new)
     torch.cuda.reset_peak_memory_stats()
-    engine = FastEngine(model, tok, slots=batch, max_len=prompt + new + 256, burst=16)
+    engine = FastEngine(model, tok, slots=batch, max_len=prompt + new + 256, burst=16, flex_decode=flex)
     sec = pure_decode(engine, batch, prompt, new)
     row.update(decode_ms=sec * 1e3, decode_tok_s=batch / sec, decode_pct_limit=100 * batch / sec / limit)
     if profile:
@@ -152,7 +152,9 @@ def run_shape(shape: str, batch: int, prompt: int, new: int, bandwidth: float, t
     # end to end: two waves of episodes, calls at set positions, replies inserted, slots refilled
     examples = examples_with_prompt(tok, env, 2 * batch, prompt)
     forced = ForcedSchedule.calls_then_answer(tok, "Expert", [new // 5, new // 2], new - 24)
-    run_rollouts(model, env, examples[:batch], 1.0, 1.0, 0, 0, 0, forced=forced, engine=engine)  # warm-up: graphs
+    # warm-up on the same questions (another sampling step): compiles and captures the graphs that a
+    # training run builds in its first phase and then reuses
+    run_rollouts(model, env, examples, 1.0, 1.0, 0, 0, 0, forced=forced, engine=engine)
     torch.cuda.synchronize()
     t = time.perf_counter()
     logps, stats = run_rollouts(model, env, examples, 1.0, 1.0, 0, 1, 0, forced=forced, engine=engine)
@@ -162,6 +164,7 @@ def run_shape(shape: str, batch: int, prompt: int, new: int, bandwidth: float, t
     row.update(e2e_tok_s=stats.generated_tokens / sec, e2e_pct_limit=100 * stats.generated_tokens / sec / limit,
                e2e_s=sec, calls_per_ep=float(np.mean([len(e.calls) for e in eps])),
                policy_tokens=stats.generated_tokens, inserted_tokens=sum(sum(e.inserted) for e in eps),
+               prefill_rounds=stats.segments, graphs=len(engine.graphs) + len(engine.prefill_graphs),
                mem_GB=torch.cuda.max_memory_allocated() / 2**30, timings=dict(engine.timings))
     if hf:
         row["x_hf_default"] = row["e2e_tok_s"] / row["hf_default_tok_s"]
@@ -210,6 +213,8 @@ def main() -> None:
     p.add_argument("--check", action="store_true", help="first check graphs against the eager path")
     p.add_argument("--profile", action="store_true", help="print the kernels of a decode burst")
     p.add_argument("--zero3", action="store_true", help="also time the first shape's rollout under DeepSpeed ZeRO-3")
+    p.add_argument("--attention", choices=["matmul", "flex", "both"], default="matmul",
+                   help="decode attention: two batched matmuls, FlexAttention's decoding kernel, or one row each")
     args = p.parse_args()
     tok = bpe_tokenizer(CORPUS, 500)
     check = check_graphs_match_eager(tok) if args.check else None
@@ -219,12 +224,14 @@ def main() -> None:
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     rows = []
     items = args.shapes.split(",")
+    flexes = {"matmul": [False], "flex": [True], "both": [False, True]}[args.attention]
     for n, item in enumerate(items):
         shape, batch = item.split(":")
-        rows.append(run_shape(shape, int(batch), args.prompt, args.new, bandwidth, tok, not args.no_hf, args.profile,
-                              args.zero3 and n == 0))
-        print(rows[-1], flush=True)
-    cols = ["shape", "batch", "limit_tok_s", "hf_default_tok_s", "hf_static_tok_s", "decode_ms", "decode_tok_s",
+        for flex in flexes:
+            rows.append(run_shape(shape, int(batch), args.prompt, args.new, bandwidth, tok, not args.no_hf,
+                                  args.profile, args.zero3 and n == 0 and flex == flexes[-1], flex))
+            print(rows[-1], flush=True)
+    cols = ["shape", "batch", "attention", "limit_tok_s", "hf_default_tok_s", "hf_static_tok_s", "decode_ms", "decode_tok_s",
             "decode_pct_limit", "e2e_tok_s", "e2e_pct_limit", "x_hf_default", "x_hf_static", "mem_GB",
             "logp_mismatch_mean", "logp_mismatch_p99", "zero3_vs_plain"]
     print(table(rows, cols))

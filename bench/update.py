@@ -15,9 +15,10 @@ import time
 
 import torch
 
+from agents.batch import micro_batch_rows
 from agents.distributed import Dist, PlainEngine, ZeroEngine, init_distributed
 from agents.losses import agg_loss, policy_loss, value_loss
-from agents.policy import build_critic, chunked_sequence_logprobs, sequence_logprobs
+from agents.policy import build_critic, chunked_sequence_logprobs, sequence_logprobs, sequence_values
 from bench.common import matmul_rate, n_params, random_qwen, table, write_results
 
 
@@ -39,7 +40,7 @@ def padded(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.
     return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
 
 
-def plain_logprobs(actor, ids, mask, pos):
+def plain_logprobs(actor, ids, mask, pos, pack=False):
     """The plain path: full (B, T, V) logits, float32 log-softmax over the whole vocabulary."""
     logits = actor(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.float()
     logp = torch.log_softmax(logits[:, :-1], -1)
@@ -49,39 +50,41 @@ def plain_logprobs(actor, ids, mask, pos):
     return torch.cat([z, lp], 1), torch.cat([z, ent], 1)
 
 
-def ours_logprobs(actor, ids, mask, pos):
+def ours_logprobs(actor, ids, mask, pos, pack=False):
     """The trainer's path without DeepSpeed: the LM head applied chunk by chunk, recomputed in backward."""
-    return chunked_sequence_logprobs(actor, ids, mask, pos, with_entropy=True)
+    return chunked_sequence_logprobs(actor, ids, mask, pos, with_entropy=True, pack=pack)
 
 
-def ds_logprobs(actor, ids, mask, pos):
+def ds_logprobs(actor, ids, mask, pos, pack=False):
     """The trainer's path under DeepSpeed: the model's bf16 logits, float32 log-softmax chunk by chunk."""
-    return sequence_logprobs(actor, ids, mask, pos, with_entropy=True)
+    return sequence_logprobs(actor, ids, mask, pos, with_entropy=True, pack=pack)
 
 
-def step(actor, critic, groups, logprob_fn) -> None:
+def step(actor, critic, groups, logprob_fn, pack: bool = False) -> None:
     """One optimizer step of both engines over all micro-batches (token-mean over all tokens)."""
     denom = float(sum(sum(len(s) for s in g) for g in groups))
     for g in groups:
         ids, mask, pos = padded(g)
-        logp, ent = logprob_fn(actor.model, ids, mask, pos)
+        logp, ent = logprob_fn(actor.model, ids, mask, pos, pack=pack)
         old = logp.detach() + 0.01 * torch.randn_like(logp)
         adv = torch.randn_like(logp)
         pg, _ = policy_loss(logp, old, adv, 0.2, None)
         actor.backward(agg_loss(pg, mask.float(), "token-mean", denom)
                        - 1e-3 * agg_loss(ent, mask.float(), "token-mean", denom))
-        v = critic.model(ids, mask, pos).float()
+        v = sequence_values(critic.model, ids, mask, pos, pack=pack).float()
         vl = value_loss(v, v.detach() + 0.1, torch.randn_like(v), 0.5)
         critic.backward(agg_loss(vl, mask.float(), "token-mean", denom))
     actor.step()
     critic.step()
 
 
-def groups_of(seqs, budget: int, sort: bool) -> list[list[torch.Tensor]]:
-    """Micro-batches of at most `budget` padded tokens, in the given order or sorted by length."""
-    order = sorted(seqs, key=len) if sort else seqs
+def groups_of(seqs, budget: int, sort: bool, pack: bool = False) -> list[list[torch.Tensor]]:
+    """Micro-batches of at most `budget` tokens: the trainer's (`micro_batch_rows`: sorted by length,
+    padded or packed), or the naive split in the given order."""
+    if sort:
+        return [[seqs[i] for i in rows.tolist()] for rows in micro_batch_rows([len(s) for s in seqs], budget, pack)]
     out, cur = [], []
-    for s in order:
+    for s in seqs:
         if cur and max(len(x) for x in cur + [s]) * (len(cur) + 1) > budget:
             out.append(cur)
             cur = []
@@ -89,9 +92,10 @@ def groups_of(seqs, budget: int, sort: bool) -> list[list[torch.Tensor]]:
     return out + [cur]
 
 
-def fresh_models(shape: str):
+def fresh_models(shape: str, attention: str = "sdpa"):
     torch.manual_seed(0)
     actor = random_qwen(shape).train()
+    actor.set_attn_implementation(attention)  # the critic's trunk is built from the same config
     with torch.device("cuda"):
         return actor, build_critic(actor, "random").train()
 
@@ -103,18 +107,19 @@ def engines(actor, critic, stage: str | None, dist_: Dist):
     return tuple(ZeroEngine(m, stage, 1e-6, 0.0, 1.0, 0, dist_) for m in (actor, critic))
 
 
-def measure(name, actor, critic, seqs, budget, sort, logprob_fn, peak, flops, repeats: int = 3) -> dict:
-    groups = groups_of(seqs, budget, sort)
-    step(actor, critic, groups, logprob_fn)  # warm-up (optimizer state, kernels)
+def measure(name, actor, critic, seqs, budget, sort, logprob_fn, peak, flops, repeats: int = 3,
+            pack: bool = False) -> dict:
+    groups = groups_of(seqs, budget, sort, pack)
+    step(actor, critic, groups, logprob_fn, pack)  # warm-up (optimizer state, kernels, compiles)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     for _ in range(repeats):
-        step(actor, critic, groups, logprob_fn)
+        step(actor, critic, groups, logprob_fn, pack)
     torch.cuda.synchronize()
     sec = (time.perf_counter() - t) / repeats
     lengths = [len(s) for s in seqs]
-    padded_tokens = sum(len(g) * max(len(s) for s in g) for g in groups)
+    padded_tokens = sum(lengths) if pack else sum(len(g) * max(len(s) for s in g) for g in groups)
     return {"path": name, "step_s": sec, "tokens": sum(lengths), "padding_pct": 100 * (1 - sum(lengths) / padded_tokens),
             "micro_batches": len(groups), "tok_s": sum(lengths) / sec, "TFLOP_s": flops / sec / 1e12,
             "mfu_pct": 100 * flops / sec / peak, "mem_GB": torch.cuda.max_memory_allocated() / 2**30}
@@ -128,6 +133,8 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--tokens", type=int, default=8192, help="padded tokens per micro-batch")
     p.add_argument("--no-deepspeed", action="store_true", help="skip the ZeRO-2 and ZeRO-3 rows")
+    p.add_argument("--flex", action="store_true", help="add rows with packed micro-batches and FlexAttention")
+    p.add_argument("--zero3-configs", nargs="*", default=[], help="more DeepSpeed ZeRO-3 JSON files to time")
     args = p.parse_args()
     peak = matmul_rate()
     print(f"bf16 matmul {peak / 1e12:.0f} TFLOP/s", flush=True)
@@ -137,14 +144,18 @@ def main() -> None:
     dist_ = init_distributed("cuda", use_deepspeed=not args.no_deepspeed)
     rows = []
 
-    def run(name, stage, budget, sort, logprob_fn, checkpointing=False):
-        actor, critic = fresh_models(args.shape)
+    def run(name, stage, budget, sort, logprob_fn, checkpointing=False, pack=False, attention="sdpa"):
+        actor, critic = fresh_models(args.shape, attention)
         if checkpointing:
             for m in (actor, critic.trunk):
                 m.gradient_checkpointing_enable()
         flops = model_flops(actor, critic, lengths)  # before ZeRO-3 partitions the parameters
-        a, c = engines(actor, critic, stage, dist_)
-        rows.append(measure(name, a, c, seqs, budget, sort, logprob_fn, peak, flops))
+        a = c = None
+        try:
+            a, c = engines(actor, critic, stage, dist_)
+            rows.append(measure(name, a, c, seqs, budget, sort, logprob_fn, peak, flops, pack=pack))
+        except Exception as e:  # a row that fails (e.g. a compile error) is reported, the others still run
+            rows.append({"path": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
         print(rows[-1], flush=True)
         del actor, critic, a, c
         gc.collect()
@@ -155,9 +166,18 @@ def main() -> None:
     run("ours, plain PyTorch + gradient checkpointing, 2x tokens", None, 2 * args.tokens, True, ours_logprobs,
         checkpointing=True)
     run("plain PyTorch, DeepSpeed rows' path: bucketed, bf16 logits", None, args.tokens, True, ds_logprobs)
+    if args.flex:
+        run("ours, plain PyTorch: packed, FlexAttention", None, args.tokens, True, ours_logprobs, pack=True,
+            attention="flex_attention")
+        run("plain PyTorch, DeepSpeed rows' path: packed, FlexAttention", None, args.tokens, True, ds_logprobs,
+            pack=True, attention="flex_attention")
     if not args.no_deepspeed:
         run("ours, DeepSpeed ZeRO-2 (bf16, fp32 master)", "zero2", args.tokens, True, ds_logprobs)
-        run("ours, DeepSpeed ZeRO-3 (bf16, fp32 master)", "zero3", args.tokens, True, ds_logprobs)
+        if args.flex:
+            run("ours, DeepSpeed ZeRO-2: packed, FlexAttention", "zero2", args.tokens, True, ds_logprobs, pack=True,
+                attention="flex_attention")
+        for stage in ["zero3"] + args.zero3_configs:
+            run(f"ours, DeepSpeed ZeRO-3 ({stage})", stage, args.tokens, True, ds_logprobs)
     print(table(rows, ["path", "step_s", "tokens", "padding_pct", "micro_batches", "tok_s", "TFLOP_s", "mfu_pct", "mem_GB"]))
     path = write_results("update", {"shape": args.shape, "matmul_Fps": peak, "lengths": lengths, "rows": rows})
     print(f"wrote {path}")

@@ -17,6 +17,8 @@ def test_defaults_validate():
     ("algorithm.advantage=ppo2", "ppo2"),
     ("rollout.top_p=0", "rollout.top_p"),
     ("model.dtype=int8", "model.dtype"),
+    ("deepspeed=zero4", "zero4"),
+    ("deepspeed=/no/such/ds.json", "/no/such/ds.json"),
 ])
 def test_out_of_range_values_name_the_key(override, key):
     with pytest.raises(ValueError, match=key):

@@ -8,8 +8,8 @@ import torch
 from tiny import tiny_tokenizer
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from agents.fast_decode import FastEngine, choose_tokens, invert_cdf, keyed_uniform
-from agents.policy import chunked_sequence_logprobs, sequence_logprobs
+from agents.fast_decode import FastEngine, choose_tokens, decoder_layer, invert_cdf, keyed_uniform
+from agents.policy import build_critic, chunked_sequence_logprobs, sequence_logprobs, sequence_values
 from agents.rollout import ForcedSchedule, run_rollouts
 from envs.candidates import CandidatePool, CandidateSpec
 from envs.candidates.simulated import SimulatedBackend
@@ -58,6 +58,23 @@ def test_multi_turn_with_inserted_replies_and_refilled_slots_equals_the_simple_p
     ref, got, ref_lp, lp, *_ = both_paths(forced, max_tokens=70, slots=2)  # 5 episodes through 2 slots
     assert got == ref
     assert sum(r[3] for r in got) >= 5 and all(any(r[1]) for r in got)  # calls made, replies inserted
+    for a, b in zip(ref_lp, lp):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_decode_equals_the_simple_path():
+    """The GPU's FlexAttention decode (here unfused, on CPU) attends to what the matmul path does."""
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok))
+    env = make_env(tok, 70)
+    forced = ForcedSchedule.calls_then_answer(tok, "Geo-Expert", [3, 25], 45)
+    ref_lp, _ = run_rollouts(model, env, EXAMPLES, 0.0, 1.0, 0, 0, tok.pad_token_id, forced=forced)
+    ref = [e.response_ids for e in env.episodes]
+    engine = FastEngine(model, tok, slots=2, max_len=256, burst=4, bucket=32)
+    engine.net.compiled_layer, engine.net.flex = decoder_layer, True  # the decode path compile() selects
+    lp, _ = run_rollouts(model, env, EXAMPLES, 0.0, 1.0, 0, 0, tok.pad_token_id, forced=forced, engine=engine)
+    assert [e.response_ids for e in env.episodes] == ref
     for a, b in zip(ref_lp, lp):
         assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)
 
@@ -160,3 +177,29 @@ def test_chunked_logprobs_and_gradients_equal_the_plain_path():
     assert torch.allclose(got, ref, atol=1e-5) and torch.allclose(ent, ref_ent, atol=1e-5)
     for a, p in zip(ref_grads, model.parameters()):
         assert torch.allclose(a, p.grad, rtol=1e-4, atol=1e-4), float((a - p.grad).abs().max() / a.abs().max())
+
+
+@pytest.mark.parametrize("logprobs", [sequence_logprobs, chunked_sequence_logprobs])
+def test_packed_rows_give_the_padded_rows_logprobs_values_and_gradients(logprobs):
+    """Rows packed into one sequence (no padding) compute what the padded rows compute, gradients too."""
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok)).train()
+    critic = build_critic(model).train()
+    ids = torch.randint(2, len(tok), (4, 13))
+    mask = torch.ones_like(ids)
+    mask[0, 9:], mask[2, 1:] = 0, 0  # a short row and a one-token row
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    results = []
+    for pack in (False, True):
+        model.zero_grad(), critic.zero_grad()
+        lp, ent = logprobs(model, ids, mask, pos, temperature=0.7, with_entropy=True, pack=pack)
+        v = sequence_values(critic, ids, mask, pos, pack=pack)
+        (lp * mask).sum().add((ent * mask).sum()).add((v * mask).sum()).backward()
+        grads = [p.grad.clone() for p in list(model.parameters()) + list(critic.parameters()) if p.grad is not None]
+        results.append(([t * mask for t in (lp, ent, v)], grads))
+    (ref, ref_grads), (got, grads) = results
+    for a, b in zip(ref, got):
+        assert torch.allclose(a, b, atol=1e-5), float((a - b).abs().max())
+    assert len(grads) == len(ref_grads)
+    for a, b in zip(ref_grads, grads):
+        assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max()) + 1e-7

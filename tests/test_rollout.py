@@ -120,9 +120,13 @@ def test_micro_batches_respect_the_token_budget_and_keep_rows():
     logps, _ = run_rollouts(tiny_model(len(tok)), env, EXAMPLES * 3, 1.0, 1.0, 0, 0, tok.pad_token_id)
     batch = build_batch(env.episodes, [0.0] * 9, list(range(9)), logps, tok.pad_token_id)
     pieces = micro_batches(batch, token_budget=60)
-    assert sum(len(p) for p in pieces) == 9
+    assert sorted(torch.cat([p.group_ids for p in pieces]).tolist()) == batch.group_ids.tolist()  # each row once
     assert all(p.input_ids.numel() <= 60 or len(p) == 1 for p in pieces)
-    assert torch.equal(torch.cat([p.group_ids for p in pieces]), batch.group_ids)
+    lengths = [p.attention_mask.sum(1).tolist() for p in pieces]
+    assert sum(lengths, []) == sorted(sum(lengths, []))  # sorted by length: little padding
+    packed = micro_batches(batch, token_budget=60, packed=True)
+    assert all(int(p.attention_mask.sum()) <= 60 or len(p) == 1 for p in packed)
+    assert len(packed) <= len(pieces)
 
 
 def test_forced_schedule_makes_a_random_model_call_and_answer():

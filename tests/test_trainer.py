@@ -122,3 +122,45 @@ def test_fast_engine_trains_exactly_like_the_simple_path_with_greedy_rollouts(tm
 def test_save_final_false_writes_no_checkpoint(tmp_path):
     run(tmp_path, "n", "total_steps=1", "save_every=0", "save_final=false")
     assert latest_checkpoint(tmp_path / "n") is None
+
+
+def test_packed_micro_batches_score_and_update_like_padded_ones(tmp_path):
+    """rollout.pack_sequences runs each micro-batch as one sequence without padding: the same batch
+    gets the same old log-probs, reference log-probs and values in its own rows, and the same
+    losses and gradient norms in an update."""
+    import copy
+
+    from agents.config import load_config
+    from agents.distributed import Dist
+    from agents.policy import build_actor, sequence_logprobs
+    from agents.trainer import Trainer
+    from envs.tasks import make_task
+    results = []
+    for pack in ("false", "true"):
+        cfg = load_config("configs/routeworld_tiny.yaml", [f"run_dir={tmp_path / pack}", *TINY, "sft.enabled=false",
+                                                            "rollout.n_prompts=8", "algorithm.minibatch_size=8",
+                                                            "rollout.micro_batch_tokens=400",
+                                                            f"rollout.pack_sequences={pack}"])
+        task = make_task(cfg)
+        tok = task.tokenizer
+        torch.manual_seed(0)
+        actor = build_actor(cfg.model, len(tok), tok.pad_token_id, tok.eos_token_id, torch.device("cpu"))
+        trainer = Trainer(cfg, task, tok, actor, Dist(), tmp_path / pack)
+        trainer.m.critic.value_head.weight.data.normal_()  # non-zero values, so they are compared
+        batch, _, _ = trainer.rollout()
+        batch = trainer.score_tokens(batch)
+        with torch.no_grad():  # the whole batch in one padded pass: each row's scores land in its own row
+            direct, _ = sequence_logprobs(trainer.m.actor, batch.input_ids, batch.attention_mask, batch.position_ids)
+        assert torch.allclose(batch.old_logprobs * batch.attention_mask, direct * batch.attention_mask, atol=1e-5)
+        trainer.add_kl_and_advantages(batch)
+        scored = copy.deepcopy(batch)
+        results.append((scored, trainer.update(batch)))
+    (padded, m_padded), (packed, m_packed) = results
+    assert torch.equal(padded.input_ids, packed.input_ids)
+    assert len(padded) == 8 and bool(padded.attention_mask.sum(1).min() < padded.attention_mask.sum(1).max())
+    mask = padded.attention_mask.float()
+    for name in ("old_logprobs", "ref_logprobs", "values", "advantages"):
+        a, b = getattr(padded, name) * mask, getattr(packed, name) * mask
+        assert torch.allclose(a, b, atol=1e-5), (name, float((a - b).abs().max()))
+    for key in ("actor/pg_loss", "critic/value_loss", "actor/grad_norm", "critic/grad_norm", "actor/entropy"):
+        assert m_packed[key] == pytest.approx(m_padded[key], rel=1e-4, abs=1e-7), key
