@@ -7,14 +7,15 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import flex_attention
 
 from agents.rollout import ForcedSchedule, RolloutStats, episode_seed
 from envs.episode import GENERATING, eos_token_ids
+from envs.tags import STOP_STRINGS
 from envs.vector import MultiRouteVectorEnv
 
 log = logging.getLogger("routerl")
@@ -127,22 +128,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
-def flex_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                          positions: torch.Tensor) -> torch.Tensor:
-    """Attention of one query per row, q (N, heads, 1, d), over keys/values (N, kv_heads, L, d)
-    read in place (grouped-query), key s visible iff s <= positions[n]. Under torch.compile this is
-    one fused FlexAttention decoding kernel instead of two batched matmuls and a softmax."""
-    def visible(score, b, h, q_idx, kv_idx):
-        return torch.where(kv_idx <= positions[b], score, float("-inf"))
-    return flex_attention(q, keys, values, score_mod=visible, enable_gqa=True)
-
-
 def decoder_layer(x, norm1, qkv, qkv_bias, out, norm2, gate_up, down, kc, vc, rows, slots, positions, cos, sin,
-                  hidden_mask, kv_len: int, heads: int, kv_heads: int, eps: float, flex: bool = False) -> torch.Tensor:
+                  hidden_mask, kv_len: int, heads: int, kv_heads: int, eps: float) -> torch.Tensor:
     """One pre-norm decoder layer on x (N, Lq, hidden): fused QKV, RoPE, K/V written into the cache
     rows `rows` at `positions`, grouped-query attention over the first `kv_len` cache positions
-    (masked by `hidden_mask`; in decode by FlexAttention if `flex`), output projection, fused
-    gate-up SwiGLU MLP; residuals in x's dtype."""
+    (masked by `hidden_mask`), output projection, fused gate-up SwiGLU MLP; residuals in x's dtype."""
     N, Lq, _ = x.shape
     d = cos.shape[-1]
     g = heads // kv_heads
@@ -157,9 +147,7 @@ def decoder_layer(x, norm1, qkv, qkv_bias, out, norm2, gate_up, down, kc, vc, ro
     keys, values = kc[:, :, :kv_len], vc[:, :, :kv_len]
     if slots is not None:
         keys, values = keys[slots], values[slots]
-    if Lq == 1 and flex:
-        attn = flex_decode_attention(q.transpose(1, 2), keys, values, positions[:, 0]).view(N, 1, heads * d)
-    elif Lq == 1:  # decode: grouped-query attention read in place, the g query heads of a KV head share its rows
+    if Lq == 1:  # decode: grouped-query attention read in place, the g query heads of a KV head share its rows
         qg = q.view(N, kv_heads, g, d)
         scores = torch.matmul(qg, keys.transpose(-1, -2)).view(N, kv_heads, g, 1, kv_len)
         scores = (scores.float() * d ** -0.5).masked_fill(hidden_mask, float("-inf"))
@@ -226,7 +214,6 @@ class FastModel:
         cos, sin = trunk.rotary_emb(probe, positions)  # the model's own RoPE table, in its dtype
         self.cos, self.sin = cos[0], sin[0]
         self.compiled_layer = None
-        self.flex = False  # decode attention through FlexAttention (only compiled: eager it is unfused)
 
     @torch.no_grad()
     def load_weights(self, model) -> None:
@@ -240,11 +227,11 @@ class FastModel:
         for dst, src in zip(mine, theirs):
             dst.copy_(src)
 
-    def compile(self, flex: bool = False) -> None:
+    def compile(self) -> None:
         """Fuse each decode layer's small operations with torch.compile (GPU; one compile per shape,
-        shared by all layers), with FlexAttention's decoding kernel if `flex`. Prefill stays eager."""
+        shared by all layers). Prefill stays eager (in CUDA graphs)."""
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # shapes x buckets
-        self.compiled_layer, self.flex = torch.compile(decoder_layer, dynamic=False), flex
+        self.compiled_layer = torch.compile(decoder_layer, dynamic=False)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None,
                 kv_len: int) -> torch.Tensor:
@@ -259,12 +246,10 @@ class FastModel:
         # (N, 1, 1, Lq, kv_len): key s is visible to the query at position p iff s <= p
         hidden_mask = (keys_at[None, None, :] > positions[:, :, None])[:, None, None]
         x = F.embedding(ids, self.embed)
-        compiled = slots is None and self.compiled_layer is not None
-        layer = self.compiled_layer if compiled else decoder_layer
+        layer = self.compiled_layer if (slots is None and self.compiled_layer is not None) else decoder_layer
         for w, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
             x = layer(x, w.norm1, w.qkv, w.qkv_bias, w.out, w.norm2, w.gate_up, w.down, kc, vc, rows, slots,
-                      positions, cos, sin, hidden_mask, kv_len, self.heads, self.kv_heads, self.eps,
-                      flex=compiled and self.flex)
+                      positions, cos, sin, hidden_mask, kv_len, self.heads, self.kv_heads, self.eps)
         return rms_norm(x, self.final_norm, self.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -280,13 +265,22 @@ def supports(model) -> bool:
     return cfg.model_type in ("qwen2", "llama") and not getattr(cfg, "use_sliding_window", False)
 
 
+def can_close(text: str, stops: Sequence[str] = STOP_STRINGS) -> bool:
+    """Whether a token with this text can be the one that completes a stop string: for some '>' in
+    it, the text up to that '>' is a tail of a stop string (`>`, `ch>`, `</search>`) or ends with a
+    whole one. `<search>` or `">` cannot close `</search>` whatever came before them."""
+    heads = (text[:i + 1] for i, c in enumerate(text) if c == ">")
+    return any(stop.endswith(h) or h.endswith(stop) for h in heads for stop in stops)
+
+
 def handover_ids(tokenizer, vocab_size: int, eos_ids) -> torch.Tensor:
-    """(V,) bool: the tokens after which the env must look: every token whose text contains '>'
-    (a stop tag can only close on one, even merged with its neighbours by BPE) and every EOS id."""
+    """(V,) bool: the tokens after which the device freezes a row for the env to look: those that
+    `can_close` a stop string, and every EOS id. Only a speed hint: the env still reads every
+    token, and tokens a row decoded past the end of its episode are dropped."""
     n = min(len(tokenizer), vocab_size)
     texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False)
     flags = torch.zeros(vocab_size, dtype=torch.bool)
-    flags[:n] = torch.tensor([">" in t for t in texts])
+    flags[:n] = torch.tensor([can_close(t) for t in texts])
     flags[list(eos_ids)] = True
     return flags
 
@@ -323,14 +317,14 @@ class FastEngine:
 
     def __init__(self, model, tokenizer, slots: int, max_len: int, burst: int = 16, bucket: int = 256,
                  prefill_tokens: int = 16384, use_graphs: bool | None = None, compile: bool = True,
-                 flex_decode: bool = False, extra_eos_ids=()):
+                 extra_eos_ids=()):
         self.net = FastModel(model, slots, max_len + burst + 1)
         self.max_len, self.burst, self.bucket, self.prefill_tokens = max_len, burst, bucket, prefill_tokens
         dev = self.net.device
         self.use_graphs = (dev.type == "cuda") if use_graphs is None else use_graphs
         self.choose = choose_tokens
         if self.use_graphs and compile:
-            self.net.compile(flex_decode)
+            self.net.compile()
             self.choose = torch.compile(choose_tokens, dynamic=False)  # the vocabulary-wide work, fused
         vocab = self.net.lm_head.shape[0]
         self.handover = handover_ids(tokenizer, vocab, eos_token_ids(tokenizer, extra_eos_ids)).to(dev)
@@ -347,7 +341,9 @@ class FastEngine:
         self.prefill_graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor]]] = {}
         self.prefill_out = torch.zeros(B, vocab, dtype=self.net.dtype, device=dev) if self.use_graphs else None
         self.pool = None
-        self.timings = {"prefill_s": 0.0, "decode_s": 0.0, "env_s": 0.0}  # wall time of each part of `run`
+        # wall time of each part of `run` (upload: host state to the device; decode: graph replays and
+        # reading their tokens back), and the decode steps run, plain and times their cache length
+        self.timings = dict.fromkeys(("prefill_s", "upload_s", "decode_s", "env_s", "decode_steps", "decode_kv_steps"), 0.0)
 
     def load_weights(self, model) -> None:
         """Refresh the engine's weights from `model` (the same architecture), e.g. after an update."""
@@ -393,7 +389,7 @@ class FastEngine:
                         raise
                     log.warning("torch.compile of the decode step failed (%s); decoding eagerly in CUDA graphs",
                                 str(e).splitlines()[0] if str(e) else type(e).__name__)
-                    self.net.compiled_layer, self.net.flex, self.choose = None, False, choose_tokens
+                    self.net.compiled_layer, self.choose = None, choose_tokens
                     for t, s in zip((self.tok, self.pos, self.count, self.active), saved):
                         t.copy_(s)
                     self._burst(steps, kv_len, temperature, top_p)
@@ -581,10 +577,14 @@ class FastEngine:
             steps = min(self.burst, 1 << max(remaining - 1, 0).bit_length())
             top = max(s.pos for s in running) + steps + 1
             kv_len = min(self.net.scratch, -(-top // self.bucket) * self.bucket)
+            t1 = time.perf_counter()
             self._decode(kv_len, temperature, top_p, steps)
             out_tok, out_lp, valid = (t[:, :steps].cpu().tolist() for t in (self.out_tok, self.out_lp, self.out_valid))
-            t1 = time.perf_counter()
-            self.timings["decode_s"] += t1 - t0
+            t2 = time.perf_counter()
+            self.timings["upload_s"] += t1 - t0
+            self.timings["decode_s"] += t2 - t1
+            self.timings["decode_steps"] += steps
+            self.timings["decode_kv_steps"] += steps * kv_len
             for row, s in enumerate(slots):
                 if s.episode is None:
                     continue
@@ -594,7 +594,7 @@ class FastEngine:
                     s.token, s.pos = out_tok[row][j], s.pos + 1
                     if not accept(s, s.token, out_lp[row][j]):
                         break  # later tokens of this row (if any) are discarded; the cache is overwritten
-            self.timings["env_s"] += time.perf_counter() - t1
+            self.timings["env_s"] += time.perf_counter() - t2
         return logps, stats
 
 

@@ -106,6 +106,16 @@ def profile_decode(engine: FastEngine, prompt: int, new: int, rows: int = 25) ->
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows), flush=True)
 
 
+def profile_phase(model, env, examples, forced, engine: FastEngine, rows: int = 30) -> None:
+    """Print the GPU kernels and CPU operations of a whole multi-turn rollout phase."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run_rollouts(model, env, examples, 1.0, 1.0, 0, 2, 0, forced=forced, engine=engine)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows), flush=True)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows), flush=True)
+
+
 def zero3_rollout(model, engine: FastEngine, env, examples, forced, expected: list, plain_tok_s: float) -> dict:
     """The same rollout phase with the policy inside a DeepSpeed ZeRO-3 engine (one process): the
     weights are gathered once, copied into the engine's buffers, and the phase decodes with no
@@ -130,10 +140,10 @@ def zero3_rollout(model, engine: FastEngine, env, examples, forced, expected: li
 
 
 def run_shape(shape: str, batch: int, prompt: int, new: int, bandwidth: float, tok, hf: bool,
-              profile: bool = False, zero3: bool = False, flex: bool = False) -> dict:
+              profile: bool = False, zero3: bool = False) -> dict:
     torch.manual_seed(0)
     model = random_qwen(shape)
-    row = {"shape": shape, "batch": batch, "attention": "flex" if flex else "matmul", "params_M": n_params(model) / 1e6}
+    row = {"shape": shape, "batch": batch, "params_M": n_params(model) / 1e6}
     step_bytes, limit = decode_limit(model, batch, prompt + new / 2, bandwidth)
     row.update(limit_tok_s=limit, step_MB=step_bytes / 1e6)
     if hf:
@@ -144,7 +154,7 @@ def run_shape(shape: str, batch: int, prompt: int, new: int, bandwidth: float, t
     # pure decode: one CUDA graph per burst, all rows active
     env = make_env(tok, new)
     torch.cuda.reset_peak_memory_stats()
-    engine = FastEngine(model, tok, slots=batch, max_len=prompt + new + 256, burst=16, flex_decode=flex)
+    engine = FastEngine(model, tok, slots=batch, max_len=prompt + new + 256, burst=16)
     sec = pure_decode(engine, batch, prompt, new)
     row.update(decode_ms=sec * 1e3, decode_tok_s=batch / sec, decode_pct_limit=100 * batch / sec / limit)
     if profile:
@@ -166,6 +176,12 @@ def run_shape(shape: str, batch: int, prompt: int, new: int, bandwidth: float, t
                policy_tokens=stats.generated_tokens, inserted_tokens=sum(sum(e.inserted) for e in eps),
                prefill_rounds=stats.segments, graphs=len(engine.graphs) + len(engine.prefill_graphs),
                mem_GB=torch.cuda.max_memory_allocated() / 2**30, timings=dict(engine.timings))
+    tm = engine.timings  # decode inside the phase: ms per step, and the share of rows that were decoding
+    row.update(e2e_decode_ms=1e3 * tm["decode_s"] / max(tm["decode_steps"], 1),
+               e2e_mean_kv=tm["decode_kv_steps"] / max(tm["decode_steps"], 1),
+               e2e_occupancy=stats.generated_tokens / max(tm["decode_steps"] * batch, 1))
+    if profile:
+        profile_phase(model, env, examples, forced, engine)
     if hf:
         row["x_hf_default"] = row["e2e_tok_s"] / row["hf_default_tok_s"]
         row["x_hf_static"] = row["e2e_tok_s"] / row["hf_static_tok_s"]
@@ -213,8 +229,6 @@ def main() -> None:
     p.add_argument("--check", action="store_true", help="first check graphs against the eager path")
     p.add_argument("--profile", action="store_true", help="print the kernels of a decode burst")
     p.add_argument("--zero3", action="store_true", help="also time the first shape's rollout under DeepSpeed ZeRO-3")
-    p.add_argument("--attention", choices=["matmul", "flex", "both"], default="matmul",
-                   help="decode attention: two batched matmuls, FlexAttention's decoding kernel, or one row each")
     args = p.parse_args()
     tok = bpe_tokenizer(CORPUS, 500)
     check = check_graphs_match_eager(tok) if args.check else None
@@ -224,15 +238,14 @@ def main() -> None:
     print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s", flush=True)
     rows = []
     items = args.shapes.split(",")
-    flexes = {"matmul": [False], "flex": [True], "both": [False, True]}[args.attention]
     for n, item in enumerate(items):
         shape, batch = item.split(":")
-        for flex in flexes:
-            rows.append(run_shape(shape, int(batch), args.prompt, args.new, bandwidth, tok, not args.no_hf,
-                                  args.profile, args.zero3 and n == 0 and flex == flexes[-1], flex))
-            print(rows[-1], flush=True)
-    cols = ["shape", "batch", "attention", "limit_tok_s", "hf_default_tok_s", "hf_static_tok_s", "decode_ms", "decode_tok_s",
-            "decode_pct_limit", "e2e_tok_s", "e2e_pct_limit", "x_hf_default", "x_hf_static", "mem_GB",
+        rows.append(run_shape(shape, int(batch), args.prompt, args.new, bandwidth, tok, not args.no_hf, args.profile,
+                              args.zero3 and n == 0))
+        print(rows[-1], flush=True)
+    cols = ["shape", "batch", "limit_tok_s", "hf_default_tok_s", "hf_static_tok_s", "decode_ms", "decode_tok_s",
+            "decode_pct_limit", "e2e_tok_s", "e2e_pct_limit", "e2e_decode_ms", "e2e_occupancy", "x_hf_default",
+            "x_hf_static", "mem_GB",
             "logp_mismatch_mean", "logp_mismatch_p99", "zero3_vs_plain"]
     print(table(rows, cols))
     path = write_results("rollout", {"check": check, "copy_bandwidth_Bps": bandwidth, "prompt": args.prompt, "new": args.new, "rows": rows})
