@@ -135,6 +135,8 @@ def main() -> None:
     p.add_argument("--no-deepspeed", action="store_true", help="skip the ZeRO-2 and ZeRO-3 rows")
     p.add_argument("--flex", action="store_true", help="add rows with packed micro-batches and FlexAttention")
     p.add_argument("--zero3-configs", nargs="*", default=[], help="more DeepSpeed ZeRO-3 JSON files to time")
+    p.add_argument("--only", default="", help="run only the rows whose name contains this text (DeepSpeed keeps "
+                   "some memory after its engines are deleted: time ZeRO-3 in a process of its own)")
     args = p.parse_args()
     peak = matmul_rate()
     print(f"bf16 matmul {peak / 1e12:.0f} TFLOP/s", flush=True)
@@ -145,6 +147,8 @@ def main() -> None:
     rows = []
 
     def run(name, stage, budget, sort, logprob_fn, checkpointing=False, pack=False, attention="sdpa"):
+        if args.only and args.only not in name:
+            return
         actor, critic = fresh_models(args.shape, attention)
         if checkpointing:
             for m in (actor, critic.trunk):
