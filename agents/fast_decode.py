@@ -265,24 +265,38 @@ def supports(model) -> bool:
     return cfg.model_type in ("qwen2", "llama") and not getattr(cfg, "use_sliding_window", False)
 
 
-def can_close(text: str, stops: Sequence[str] = STOP_STRINGS) -> bool:
-    """Whether a token with this text can be the one that completes a stop string: for some '>' in
-    it, the text up to that '>' is a tail of a stop string (`>`, `ch>`, `</search>`) or ends with a
-    whole one. `<search>` or `">` cannot close `</search>` whatever came before them."""
-    heads = (text[:i + 1] for i, c in enumerate(text) if c == ">")
-    return any(stop.endswith(h) or h.endswith(stop) for h in heads for stop in stops)
-
-
-def handover_ids(tokenizer, vocab_size: int, eos_ids) -> torch.Tensor:
-    """(V,) bool: the tokens after which the device freezes a row for the env to look: those that
-    `can_close` a stop string, and every EOS id. Only a speed hint: the env still reads every
-    token, and tokens a row decoded past the end of its episode are dropped."""
+def token_tails(tokenizer, vocab_size: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last `width` characters of every token's text as codes, right-aligned ((V, width) int32,
+    0 = no character), and how many there are ((V,) long)."""
     n = min(len(tokenizer), vocab_size)
     texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False)
-    flags = torch.zeros(vocab_size, dtype=torch.bool)
-    flags[:n] = torch.tensor([can_close(t) for t in texts])
-    flags[list(eos_ids)] = True
-    return flags
+    codes = torch.zeros(vocab_size, width, dtype=torch.int32)
+    lengths = torch.zeros(vocab_size, dtype=torch.long)
+    for i, text in enumerate(texts):
+        tail = text[-width:]
+        if tail:
+            codes[i, width - len(tail):] = torch.tensor([ord(c) for c in tail], dtype=torch.int32)
+            lengths[i] = len(tail)
+    return codes, lengths
+
+
+def extend_tails(tails: torch.Tensor, token_codes: torch.Tensor, token_lengths: torch.Tensor,
+                 stops: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append each row's new token text (its right-aligned codes and length) to the row's last
+    characters `tails` (B, W). Returns the new tails and whether a stop string (codes) ends inside
+    the new token's characters: the device's test for `</search>` or `</answer>` however BPE split it."""
+    B, W = tails.shape
+    j = torch.arange(W, device=tails.device)[None]
+    fresh = j >= (W - token_lengths)[:, None]  # positions now holding the new token's characters
+    shifted = tails.gather(1, (token_lengths[:, None] + j).clamp(max=W - 1))
+    new = torch.where(fresh, token_codes, shifted)
+    hit = torch.zeros(B, dtype=torch.bool, device=tails.device)
+    for stop in stops:
+        L = stop.shape[0]
+        match = (new.unfold(1, L, 1) == stop).all(-1)  # (B, W - L + 1): a window spells the stop string
+        ends = torch.arange(L - 1, W, device=tails.device)[None]
+        hit |= (match & (ends >= (W - token_lengths)[:, None])).any(-1)
+    return new, hit
 
 
 def forced_windows(forced: ForcedSchedule | None) -> list[tuple[int, list[int]]]:
@@ -309,7 +323,8 @@ class Slot:
 class FastEngine:
     """Runs rollout phases with `FastModel`: `slots` episodes decode together; a slot whose episode
     ends takes the next waiting one. The device decodes `burst` tokens per call (one CUDA graph
-    replay on GPU, eager on CPU) and freezes a row as soon as it samples a handover token or reaches
+    replay on GPU, eager on CPU) and freezes a row as soon as its text ends a stop string
+    (`</search>`, `</answer>`: `extend_tails` on the device), it samples an EOS id or it reaches
     its stop count, so Python sees every token once, in batches, and acts only at stops.
 
     Use `run(...)` directly or `run_rollouts(..., engine=engine)`: same arguments, same results
@@ -327,11 +342,18 @@ class FastEngine:
             self.net.compile()
             self.choose = torch.compile(choose_tokens, dynamic=False)  # the vocabulary-wide work, fused
         vocab = self.net.lm_head.shape[0]
-        self.handover = handover_ids(tokenizer, vocab, eos_token_ids(tokenizer, extra_eos_ids)).to(dev)
+        self.eos = torch.zeros(vocab, dtype=torch.bool)
+        self.eos[list(eos_token_ids(tokenizer, extra_eos_ids))] = True
+        self.eos = self.eos.to(dev)
+        # the device's view of each row's text: its last characters, for stop strings split over tokens
+        width = 2 * max(len(t) for t in STOP_STRINGS)
+        self.token_codes, self.token_lengths = (t.to(dev) for t in token_tails(tokenizer, vocab, width))
+        self.stops = [torch.tensor([ord(c) for c in t], dtype=torch.int32, device=dev) for t in STOP_STRINGS]
         B = slots
         z = lambda dtype=torch.long: torch.zeros(B, dtype=dtype, device=dev)
         self.tok, self.pos, self.count, self.stop_at, self.key = z(), z(), z(), z(), z()
         self.win_start, self.win_len, self.active = z(), z(), z(torch.bool)
+        self.tails = torch.zeros(B, width, dtype=torch.int32, device=dev)
         self.win_buffers = {1: torch.zeros(B, 1, dtype=torch.long, device=dev)}  # forced windows, by width
         self.win_tokens = self.win_buffers[1]
         self.out_tok = torch.zeros(B, burst, dtype=torch.long, device=dev)
@@ -353,7 +375,8 @@ class FastEngine:
 
     def _step(self, j: int, kv_len: int, temperature: float, top_p: float) -> None:
         """One decode step for every row: write `tok` at `pos`, choose the next token, advance the
-        active rows, and freeze rows that chose a handover token or reached their stop count."""
+        active rows, and freeze rows whose text ended a stop string, that chose an EOS id or that
+        reached their stop count."""
         hidden = self.net.forward(self.tok[:, None], self.pos[:, None], None, kv_len)
         logits = self.net.logits(hidden[:, 0])
         nxt, lp = self.choose(logits, temperature, top_p, self.key, self.count, self.win_start,
@@ -362,10 +385,12 @@ class FastEngine:
         self.out_tok[:, j] = nxt
         self.out_lp[:, j] = lp
         self.out_valid[:, j] = act
+        tails, stopped = extend_tails(self.tails, self.token_codes[nxt], self.token_lengths[nxt], self.stops)
+        self.tails.copy_(torch.where(act[:, None], tails, self.tails))
         self.tok.copy_(torch.where(act, nxt, self.tok))
         self.pos.add_(act.long())
         self.count.add_(act.long())
-        self.active.copy_(act & ~self.handover[nxt] & (self.count < self.stop_at))
+        self.active.copy_(act & ~stopped & ~self.eos[nxt] & (self.count < self.stop_at))
 
     def _burst(self, steps: int, kv_len: int, temperature: float, top_p: float) -> None:
         for j in range(steps):
@@ -515,6 +540,7 @@ class FastEngine:
                                         as_dev([keys[s.episode] for _, s, _, _ in group]),
                                         as_dev(counts), as_dev(starts), as_dev(lens),
                                         as_dev([c + [0] * (width - len(c)) for c in chunks]))
+            self.tails[rows[:len(group)].to(dev)] = self.token_codes[tokens]  # the text so far starts anew
             chosen += [(j[0], t, lp) for j, t, lp in zip(group, tokens.tolist(), lps.tolist())]
         return chosen
 
@@ -525,7 +551,7 @@ class FastEngine:
         """Play one rollout phase (see `run_rollouts`); returns the sampler's log-prob of every policy
         token, per episode. `pad_id` is unused: the cache is never padded."""
         env.reset(examples)
-        self.handover[sorted(env.eos_ids)] = True  # the env's own end-of-sequence ids stop a burst too
+        self.eos[sorted(env.eos_ids)] = True  # the env's own end-of-sequence ids stop a burst too
         self.timings = dict.fromkeys(self.timings, 0.0)
         n = len(examples)
         keys = [episode_seed(seed, step, index_offset + i) for i in range(n)]

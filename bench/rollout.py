@@ -83,15 +83,17 @@ def pure_decode(engine: FastEngine, batch: int, prompt: int, new: int) -> float:
     engine.win_start.fill_(1 << 40)
     engine.win_len.zero_()
     engine.tok.random_(0, 400)
-    handover = engine.handover.clone()
-    engine.handover.zero_()  # keep every row active for the timing
+    eos, stops = engine.eos.clone(), engine.stops
+    engine.eos.zero_()  # keep every row active for the timing
+    engine.stops = []
 
     def burst():
         engine.pos.fill_(kv)
         engine.active.fill_(True)
         engine._decode(-(-(kv + engine.burst + 1) // engine.bucket) * engine.bucket, 1.0, 1.0)
     sec = time_cuda(burst, repeats=10) / engine.burst
-    engine.handover.copy_(handover)
+    engine.eos.copy_(eos)
+    engine.stops = stops
     return sec
 
 

@@ -8,7 +8,7 @@ import torch
 from tiny import tiny_tokenizer
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from agents.fast_decode import FastEngine, can_close, choose_tokens, invert_cdf, keyed_uniform
+from agents.fast_decode import FastEngine, choose_tokens, invert_cdf, keyed_uniform
 from agents.policy import build_critic, chunked_sequence_logprobs, sequence_logprobs, sequence_values
 from agents.rollout import ForcedSchedule, run_rollouts
 from envs.candidates import CandidatePool, CandidateSpec
@@ -62,17 +62,33 @@ def test_multi_turn_with_inserted_replies_and_refilled_slots_equals_the_simple_p
         assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)
 
 
-@pytest.mark.parametrize("text, closes", [
-    (">", True), ("ch>", True), ("</search>", True), ("</answer>", True), (">\n", True), ("x</search>", True),
-    ("<search>", False), ("</think>", False), ('">', False), ("a", False), ("<answer> 4", False),
+@pytest.mark.parametrize("pieces, stop_at", [
+    (["<", "search", ">", " x ", "</", "search", ">"], 6),
+    (["</search>"], 0),
+    (["<think>", " a ", "</think>", "<answer>", " 4 ", "</ans", "wer>\n"], 6),
+    (["</sea", "rch", ">"], 2),
+    (["<search>", " B: q ", "</search", ">"], 3),
+    (["</think>", "search>", "\">", "<answer>"], None),
 ])
-def test_only_tokens_that_can_complete_a_stop_string_hand_over(text, closes):
-    assert can_close(text) == closes
+def test_the_device_finds_stop_strings_however_tokens_split_them(pieces, stop_at):
+    from agents.fast_decode import extend_tails
+    from envs.tags import STOP_STRINGS
+    W = 18
+    codes = torch.zeros(len(pieces), W, dtype=torch.int32)
+    lengths = torch.tensor([len(p[-W:]) for p in pieces])
+    for i, p in enumerate(pieces):
+        codes[i, W - len(p):] = torch.tensor([ord(c) for c in p], dtype=torch.int32)
+    stops = [torch.tensor([ord(c) for c in t], dtype=torch.int32) for t in STOP_STRINGS]
+    tails, hits = torch.zeros(1, W, dtype=torch.int32), []
+    for i in range(len(pieces)):
+        tails, hit = extend_tails(tails, codes[i:i + 1], lengths[i:i + 1], stops)
+        hits.append(bool(hit))
+    assert hits == [i == stop_at for i in range(len(pieces))]
 
 
-def test_handover_tokens_are_only_a_speed_hint():
-    """With no handover token at all, rows decode past their episode's end; those tokens are dropped
-    and the episodes still equal the simple path's."""
+def test_device_stops_are_only_a_speed_hint():
+    """With no stop string for the device to find, rows decode past their episode's end; those
+    tokens are dropped and the episodes still equal the simple path's."""
     tok = tiny_tokenizer()
     model = tiny_model(len(tok))
     env = make_env(tok, 70)
@@ -80,7 +96,7 @@ def test_handover_tokens_are_only_a_speed_hint():
     run_rollouts(model, env, EXAMPLES, 0.0, 1.0, 0, 0, tok.pad_token_id, forced=forced)
     ref = [(e.response_ids, e.end_reason) for e in env.episodes]
     engine = FastEngine(model, tok, slots=2, max_len=256, burst=8, bucket=32)
-    engine.handover.zero_()
+    engine.stops = []
     run_rollouts(model, env, EXAMPLES, 0.0, 1.0, 0, 0, tok.pad_token_id, forced=forced, engine=engine)
     assert [(e.response_ids, e.end_reason) for e in env.episodes] == ref
 
