@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -506,7 +505,7 @@ class FastEngine:
         Returns (row, token, log-prob) per job."""
         chosen = []
         dev = self.net.device
-        rows_for = lambda n: min(1 << max(n - 1, 0).bit_length(), self.net.slots)  # noqa: E731
+        rows_for = lambda n: min(1 << max(n - 1, 0).bit_length(), self.net.slots)
         i = 0
         while i < len(jobs):  # groups of at most `prefill_tokens` padded tokens
             group = [jobs[i]]
@@ -535,7 +534,7 @@ class FastEngine:
                 start, chunk, _ = _window_at(windows, count)
                 counts.append(count), starts.append(start), lens.append(len(chunk)), chunks.append(chunk)
             width = max(1, max(len(c) for c in chunks))
-            as_dev = lambda v: torch.tensor(v, dtype=torch.long, device=dev)  # noqa: E731
+            as_dev = lambda v: torch.tensor(v, dtype=torch.long, device=dev)
             tokens, lps = choose_tokens(logits[:len(group)], temperature, top_p,
                                         as_dev([keys[s.episode] for _, s, _, _ in group]),
                                         as_dev(counts), as_dev(starts), as_dev(lens),
