@@ -212,7 +212,7 @@ class FastModel:
         probe = torch.zeros(1, device=self.device, dtype=self.dtype)
         cos, sin = trunk.rotary_emb(probe, positions)  # the model's own RoPE table, in its dtype
         self.cos, self.sin = cos[0], sin[0]
-        self.compiled_layer = None
+        self.compiled_layer = self.compiled_prefill = None
 
     @torch.no_grad()
     def load_weights(self, model) -> None:
@@ -227,10 +227,11 @@ class FastModel:
             dst.copy_(src)
 
     def compile(self) -> None:
-        """Fuse each decode layer's small operations with torch.compile (GPU; one compile per shape,
-        shared by all layers). Prefill stays eager (in CUDA graphs)."""
+        """Fuse each layer's small operations with torch.compile (GPU): decode once per cache length,
+        shared by all layers; prefill once with symbolic sizes, since its shapes vary more."""
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # shapes x buckets
         self.compiled_layer = torch.compile(decoder_layer, dynamic=False)
+        self.compiled_prefill = torch.compile(decoder_layer, dynamic=True)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None,
                 kv_len: int) -> torch.Tensor:
@@ -245,7 +246,7 @@ class FastModel:
         # (N, 1, 1, Lq, kv_len): key s is visible to the query at position p iff s <= p
         hidden_mask = (keys_at[None, None, :] > positions[:, :, None])[:, None, None]
         x = F.embedding(ids, self.embed)
-        layer = self.compiled_layer if (slots is None and self.compiled_layer is not None) else decoder_layer
+        layer = (self.compiled_layer if slots is None else self.compiled_prefill) or decoder_layer
         for w, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
             x = layer(x, w.norm1, w.qkv, w.qkv_bias, w.out, w.norm2, w.gate_up, w.down, kc, vc, rows, slots,
                       positions, cos, sin, hidden_mask, kv_len, self.heads, self.kv_heads, self.eps)
@@ -332,7 +333,9 @@ class FastEngine:
     def __init__(self, model, tokenizer, slots: int, max_len: int, burst: int = 16, bucket: int = 256,
                  prefill_tokens: int = 16384, use_graphs: bool | None = None, compile: bool = True,
                  extra_eos_ids=()):
-        self.net = FastModel(model, slots, max_len + burst + 1)
+        # cache positions rounded up to the bucket: every attention length read is a multiple of it
+        # (an unaligned length such as 785 makes the attention matmuls twice as slow)
+        self.net = FastModel(model, slots, -(-(max_len + burst + 1) // bucket) * bucket)
         self.max_len, self.burst, self.bucket, self.prefill_tokens = max_len, burst, bucket, prefill_tokens
         dev = self.net.device
         self.use_graphs = (dev.type == "cuda") if use_graphs is None else use_graphs
@@ -363,8 +366,10 @@ class FastEngine:
         self.prefill_out = torch.zeros(B, vocab, dtype=self.net.dtype, device=dev) if self.use_graphs else None
         self.pool = None
         # wall time of each part of `run` (upload: host state to the device; decode: graph replays and
-        # reading their tokens back), and the decode steps run, plain and times their cache length
-        self.timings = dict.fromkeys(("prefill_s", "upload_s", "decode_s", "env_s", "decode_steps", "decode_kv_steps"), 0.0)
+        # reading their tokens back; capture: graphs of new shapes, inside prefill or decode), the
+        # decode steps run, plain and times their cache length, and the graphs captured
+        self.timings = dict.fromkeys(("prefill_s", "upload_s", "decode_s", "env_s", "capture_s", "decode_steps",
+                                      "decode_kv_steps", "captures"), 0.0)
 
     def load_weights(self, model) -> None:
         """Refresh the engine's weights from `model` (the same architecture), e.g. after an update."""
@@ -402,6 +407,7 @@ class FastEngine:
             return self._burst(steps, kv_len, temperature, top_p)
         key = (steps, kv_len, temperature, top_p, self.win_tokens.shape[1])
         if key not in self.graphs:
+            t0 = time.perf_counter()
             saved = [t.clone() for t in (self.tok, self.pos, self.count, self.active)]
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
@@ -423,9 +429,15 @@ class FastEngine:
                 self._burst(steps, kv_len, temperature, top_p)
             self.pool = graph.pool()
             self.graphs[key] = graph
+            self._captured(t0)
             for t, s in zip((self.tok, self.pos, self.count, self.active), saved):
                 t.copy_(s)
         self.graphs[key].replay()
+
+    def _captured(self, since: float) -> None:
+        """Count a graph captured (compiled first if new) during `run`: a shape seen for the first time."""
+        self.timings["captures"] += 1
+        self.timings["capture_s"] += time.perf_counter() - since
 
     # -- host side
 
@@ -473,6 +485,7 @@ class FastEngine:
             return self.net.logits(hidden[torch.arange(len(rows), device=rows.device), last])
         key = (*ids.shape, kv_len)
         if key not in self.prefill_graphs:
+            t0 = time.perf_counter()
             n = ids.shape[0]
             inputs = [t.clone() for t in (ids, positions, rows, last)]
 
@@ -482,13 +495,22 @@ class FastEngine:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                forward()  # warm-up outside the capture; it writes the same K/V the replay writes
+                try:
+                    forward()  # warm-up (and compile) outside the capture; it writes the K/V the replay writes
+                except Exception as e:  # an inductor failure costs speed, never the run
+                    if self.net.compiled_prefill is None:
+                        raise
+                    log.warning("torch.compile of the prefill failed (%s); prefilling eagerly in CUDA graphs",
+                                str(e).splitlines()[0] if str(e) else type(e).__name__)
+                    self.net.compiled_prefill = None
+                    forward()
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
                 forward()
             self.pool = graph.pool()
             self.prefill_graphs[key] = (graph, inputs)
+            self._captured(t0)
         graph, inputs = self.prefill_graphs[key]
         for dst, src in zip(inputs, (ids, positions, rows, last)):
             dst.copy_(src)
@@ -624,9 +646,9 @@ class FastEngine:
 
 
 def _bucket_width(n: int) -> int:
-    """n rounded up to a multiple of 1/8 of its power of two (at least 16): at most 12.5% padding,
-    eight shapes per octave."""
-    step = max(16, (1 << max(n - 1, 0).bit_length()) // 8)
+    """n rounded up to a multiple of 1/16 of its power of two (at least 16): at most 6.25% padding
+    above 256 tokens, sixteen shapes per octave (a prefill graph is cheap to capture)."""
+    step = max(16, (1 << max(n - 1, 0).bit_length()) // 16)
     return -(-n // step) * step
 
 
