@@ -199,7 +199,8 @@ class Trainer:
         batch = build_batch(self.env.episodes, scores, group_ids, sampler_logps, self.pad_id)
         timing = {"time/rollout_s": rollout_s, "perf/rollout_tokens_per_s": stats.generated_tokens / max(rollout_s, 1e-9)}
         if self.fast is not None:
-            timing.update({f"{'time' if k.endswith('_s') else 'perf'}/rollout_{k}": v for k, v in self.fast.timings.items()})
+            for k, v in self.fast.timings.items():  # seconds under time/, counts under perf/
+                timing[f"{'time' if k.endswith('_s') else 'perf'}/rollout_{k}"] = v
         return batch, summaries, timing
 
     @torch.no_grad()

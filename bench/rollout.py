@@ -251,8 +251,8 @@ def main() -> None:
                               args.zero3 and n == 0))
         print(rows[-1], flush=True)
     cols = ["shape", "batch", "limit_tok_s", "hf_default_tok_s", "hf_static_tok_s", "decode_ms", "decode_tok_s",
-            "decode_pct_limit", "e2e_tok_s", "e2e_pct_limit", "e2e_decode_ms", "e2e_occupancy", "e2e_captures", "x_hf_default",
-            "x_hf_static", "mem_GB",
+            "decode_pct_limit", "e2e_tok_s", "e2e_pct_limit", "e2e_decode_ms", "e2e_occupancy", "e2e_captures",
+            "x_hf_default", "x_hf_static", "mem_GB",
             "logp_mismatch_mean", "logp_mismatch_p99", "zero3_vs_plain"]
     print(table(rows, cols))
     path = write_results("rollout", {"check": check, "copy_bandwidth_Bps": bandwidth, "prompt": args.prompt, "new": args.new, "rows": rows})
