@@ -226,6 +226,9 @@ def deepspeed_config(name: str, lr: float, weight_decay: float, grad_clip: float
     cfg["bf16"] = {"enabled": on_cuda}
     if with_optimizer:
         cfg["optimizer"]["params"].update(lr=lr, weight_decay=weight_decay)
+        offload = "offload_optimizer" in cfg["zero_optimization"]
+        if on_cuda and cfg["optimizer"]["params"].get("torch_adam") and not offload:
+            cfg["optimizer"]["params"].setdefault("fused", True)  # PyTorch's one-kernel AdamW on the fp32 partition
     else:
         cfg.pop("optimizer", None)
         zero = cfg["zero_optimization"]
