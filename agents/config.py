@@ -22,13 +22,16 @@ class ModelConfig:
     name_or_path: str | None = None  # a pretrained causal LM (folder or hub id); None: random init
     init: dict = field(default_factory=dict)  # Qwen2Config fields for a randomly initialised model
     dtype: str = "float32"  # float32 | bfloat16 | float16
-    attn_implementation: str = "auto"  # auto: flash_attention_2 when importable on GPU, else sdpa
+    # auto: flash_attention_2 when importable on GPU, else sdpa; flex_attention (GPU; sdpa on CPU, where
+    # it has no backward) skips the cross-sequence blocks of packed micro-batches (rollout.pack_sequences)
+    attn_implementation: str = "auto"
     gradient_checkpointing: bool = False
     critic_init: str = "actor"  # actor: critic trunk starts from the policy's weights (the paper)
 
     def __post_init__(self):
         _one_of("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        _one_of("model.attn_implementation", self.attn_implementation, ("auto", "sdpa", "eager", "flash_attention_2"))
+        _one_of("model.attn_implementation", self.attn_implementation,
+                ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention"))
         _one_of("model.critic_init", self.critic_init, ("actor", "random"))
 
 

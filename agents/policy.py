@@ -18,11 +18,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def attn_implementation(requested: str, device: torch.device) -> str:
-    """flash_attention_2 when asked for (or `auto`) on a GPU where flash-attn imports; else SDPA."""
+    """flash_attention_2 when asked for (or `auto`) on a GPU where flash-attn imports; flex_attention
+    on a GPU (it has no backward on CPU); else SDPA."""
     has_flash = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
     if requested == "auto":
         return "flash_attention_2" if has_flash else "sdpa"
     if requested == "flash_attention_2" and not has_flash:
+        return "sdpa"
+    if requested == "flex_attention" and device.type != "cuda":
         return "sdpa"
     return requested
 

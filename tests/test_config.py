@@ -76,3 +76,13 @@ def test_extends_merges_over_the_parent(tmp_path):
     (tmp_path / "child.yaml").write_text("extends: base.yaml\nepisode: {alpha: 0.9}\n")
     cfg = load_config(tmp_path / "child.yaml")
     assert (cfg.seed, cfg.episode.alpha, cfg.episode.max_turns) == (3, 0.9, 2)
+
+
+def test_flex_attention_is_accepted_and_falls_back_to_sdpa_on_cpu():
+    import torch
+
+    from agents.policy import attn_implementation
+    cfg = load_config(None, ["model.attn_implementation=flex_attention", "rollout.pack_sequences=true"])
+    assert cfg.model.attn_implementation == "flex_attention" and cfg.rollout.pack_sequences
+    assert attn_implementation("flex_attention", torch.device("cpu")) == "sdpa"
+    assert attn_implementation("flex_attention", torch.device("cuda")) == "flex_attention"
