@@ -335,7 +335,7 @@ class FastEngine:
                  extra_eos_ids=()):
         # cache positions rounded up to the bucket: every attention length read is a multiple of it
         # (an unaligned length such as 785 makes the attention matmuls twice as slow)
-        self.net = FastModel(model, slots, -(-(max_len + burst + 1) // bucket) * bucket)
+        self.net = FastModel(model, slots, _round_up(max_len + burst + 1, bucket))
         self.max_len, self.burst, self.bucket, self.prefill_tokens = max_len, burst, bucket, prefill_tokens
         dev = self.net.device
         self.use_graphs = (dev.type == "cuda") if use_graphs is None else use_graphs
@@ -407,37 +407,54 @@ class FastEngine:
             return self._burst(steps, kv_len, temperature, top_p)
         key = (steps, kv_len, temperature, top_p, self.win_tokens.shape[1])
         if key not in self.graphs:
-            t0 = time.perf_counter()
-            saved = [t.clone() for t in (self.tok, self.pos, self.count, self.active)]
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                try:
-                    self._burst(steps, kv_len, temperature, top_p)  # warm-up (and compile) outside the capture
-                except Exception as e:  # an inductor failure costs speed, never the run
-                    if self.net.compiled_layer is None and self.choose is choose_tokens:
-                        raise
-                    log.warning("torch.compile of the decode step failed (%s); decoding eagerly in CUDA graphs",
-                                str(e).splitlines()[0] if str(e) else type(e).__name__)
-                    self.net.compiled_layer, self.choose = None, choose_tokens
-                    for t, s in zip((self.tok, self.pos, self.count, self.active), saved):
-                        t.copy_(s)
-                    self._burst(steps, kv_len, temperature, top_p)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                self._burst(steps, kv_len, temperature, top_p)
-            self.pool = graph.pool()
-            self.graphs[key] = graph
-            self._captured(t0)
-            for t, s in zip((self.tok, self.pos, self.count, self.active), saved):
-                t.copy_(s)
+            state = (self.tok, self.pos, self.count, self.active, self.tails)  # what a burst advances
+            saved = [t.clone() for t in state]
+
+            def restore() -> None:
+                for t, s in zip(state, saved):
+                    t.copy_(s)
+
+            def drop_compiled() -> bool:
+                if self.net.compiled_layer is None and self.choose is choose_tokens:
+                    return False
+                self.net.compiled_layer, self.choose = None, choose_tokens
+                restore()
+                return True
+            self.graphs[key] = self._capture(lambda: self._burst(steps, kv_len, temperature, top_p),
+                                             drop_compiled, "decode step")
+            restore()  # the warm-up advanced the rows; the replay below does it for real
         self.graphs[key].replay()
 
-    def _captured(self, since: float) -> None:
-        """Count a graph captured (compiled first if new) during `run`: a shape seen for the first time."""
+    def _capture(self, work, drop_compiled, what: str) -> torch.cuda.CUDAGraph:
+        """`work` captured as a CUDA graph in the engine's shared memory pool, after one warm-up run
+        (which compiles) on a side stream. If compiling fails, `drop_compiled` falls back to eager
+        code (True if it had compiled code to drop) and the warm-up runs again: an inductor failure
+        costs speed, never the run. Counted in `timings` (a shape seen for the first time)."""
+        t0 = time.perf_counter()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            try:
+                work()
+            except Exception as e:
+                if not drop_compiled():
+                    raise
+                log.warning("torch.compile of the %s failed (%s); running it eagerly in CUDA graphs", what,
+                            str(e).splitlines()[0] if str(e) else type(e).__name__)
+                work()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            work()
+        self.pool = graph.pool()
         self.timings["captures"] += 1
-        self.timings["capture_s"] += time.perf_counter() - since
+        self.timings["capture_s"] += time.perf_counter() - t0
+        return graph
+
+    def cache_len(self, top: int) -> int:
+        """The attention length for positions below `top`: rounded up to the bucket (one graph per
+        bucket; the cache itself is a whole number of buckets)."""
+        return min(self.net.scratch, _round_up(top, self.bucket))
 
     # -- host side
 
@@ -465,11 +482,12 @@ class FastEngine:
             rows["win_start"].append(start)
             rows["win_len"].append(len(chunk))
             win_rows.append(chunk)
-        width = max(1, max(len(c) for c in win_rows))
+        table = _padded_windows(win_rows)
+        width = len(table[0])
         if width not in self.win_buffers:  # kept for good: captured graphs read it at this address
             self.win_buffers[width] = torch.zeros(len(slots), width, dtype=torch.long, device=self.net.device)
         self.win_tokens = self.win_buffers[width]
-        self.win_tokens.copy_(torch.tensor([c + [0] * (width - len(c)) for c in win_rows]))
+        self.win_tokens.copy_(torch.tensor(table))
         for name, values in rows.items():
             getattr(self, name).copy_(torch.tensor(values, dtype=getattr(self, name).dtype))
         return max((stop - count for stop, count, run in zip(rows["stop_at"], rows["count"], rows["active"]) if run),
@@ -485,32 +503,17 @@ class FastEngine:
             return self.net.logits(hidden[torch.arange(len(rows), device=rows.device), last])
         key = (*ids.shape, kv_len)
         if key not in self.prefill_graphs:
-            t0 = time.perf_counter()
             n = ids.shape[0]
             inputs = [t.clone() for t in (ids, positions, rows, last)]
 
-            def forward():
+            def forward() -> None:  # the warm-up writes the same K/V the replay writes
                 hidden = self.net.forward(inputs[0], inputs[1], inputs[2], kv_len)
                 self.prefill_out[:n].copy_(self.net.logits(hidden[torch.arange(n, device=hidden.device), inputs[3]]))
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                try:
-                    forward()  # warm-up (and compile) outside the capture; it writes the K/V the replay writes
-                except Exception as e:  # an inductor failure costs speed, never the run
-                    if self.net.compiled_prefill is None:
-                        raise
-                    log.warning("torch.compile of the prefill failed (%s); prefilling eagerly in CUDA graphs",
-                                str(e).splitlines()[0] if str(e) else type(e).__name__)
-                    self.net.compiled_prefill = None
-                    forward()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                forward()
-            self.pool = graph.pool()
-            self.prefill_graphs[key] = (graph, inputs)
-            self._captured(t0)
+
+            def drop_compiled() -> bool:
+                had, self.net.compiled_prefill = self.net.compiled_prefill is not None, None
+                return had
+            self.prefill_graphs[key] = (self._capture(forward, drop_compiled, "prefill"), inputs)
         graph, inputs = self.prefill_graphs[key]
         for dst, src in zip(inputs, (ids, positions, rows, last)):
             dst.copy_(src)
@@ -527,7 +530,7 @@ class FastEngine:
         Returns (row, token, log-prob) per job."""
         chosen = []
         dev = self.net.device
-        rows_for = lambda n: min(1 << max(n - 1, 0).bit_length(), self.net.slots)
+        rows_for = lambda n: min(_pow2_at_least(n), self.net.slots)
         i = 0
         while i < len(jobs):  # groups of at most `prefill_tokens` padded tokens
             group = [jobs[i]]
@@ -547,20 +550,17 @@ class FastEngine:
                 positions[r, :len(seq)] = torch.arange(start, start + len(seq))
             rows = torch.tensor([j[0] for j in group] + [group[0][0]] * (n - len(group)))
             last = torch.tensor([len(j[2]) - 1 for j in group] + [0] * (n - len(group)))
-            top = max(j[3] + len(j[2]) for j in group)
-            kv_len = min(self.net.scratch, -(-top // self.bucket) * self.bucket)
+            kv_len = self.cache_len(max(j[3] + len(j[2]) for j in group))
             logits = self._prefill_logits(ids.to(dev), positions.to(dev), rows.to(dev), last.to(dev), kv_len)
             counts, starts, lens, chunks = [], [], [], []
             for _, s, _, _ in group:
                 count = env.episodes[s.episode].policy_tokens
                 start, chunk, _ = _window_at(windows, count)
                 counts.append(count), starts.append(start), lens.append(len(chunk)), chunks.append(chunk)
-            width = max(1, max(len(c) for c in chunks))
             as_dev = lambda v: torch.tensor(v, dtype=torch.long, device=dev)
             tokens, lps = choose_tokens(logits[:len(group)], temperature, top_p,
                                         as_dev([keys[s.episode] for _, s, _, _ in group]),
-                                        as_dev(counts), as_dev(starts), as_dev(lens),
-                                        as_dev([c + [0] * (width - len(c)) for c in chunks]))
+                                        as_dev(counts), as_dev(starts), as_dev(lens), as_dev(_padded_windows(chunks)))
             self.tails[rows[:len(group)].to(dev)] = self.token_codes[tokens]  # the text so far starts anew
             chosen += [(j[0], t, lp) for j, t, lp in zip(group, tokens.tolist(), lps.tolist())]
         return chosen
@@ -621,9 +621,8 @@ class FastEngine:
             t0 = time.perf_counter()
             remaining = self._upload(slots, env, keys, windows)
             # the shortest power-of-two burst that lasts until every row must stop at a known count
-            steps = min(self.burst, 1 << max(remaining - 1, 0).bit_length())
-            top = max(s.pos for s in running) + steps + 1
-            kv_len = min(self.net.scratch, -(-top // self.bucket) * self.bucket)
+            steps = min(self.burst, _pow2_at_least(remaining))
+            kv_len = self.cache_len(max(s.pos for s in running) + steps + 1)
             t1 = time.perf_counter()
             self._decode(kv_len, temperature, top_p, steps)
             out_tok, out_lp, valid = (t[:, :steps].cpu().tolist() for t in (self.out_tok, self.out_lp, self.out_valid))
@@ -645,11 +644,24 @@ class FastEngine:
         return logps, stats
 
 
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def _bucket_width(n: int) -> int:
     """n rounded up to a multiple of 1/16 of its power of two (at least 16): at most 6.25% padding
     above 256 tokens, sixteen shapes per octave (a prefill graph is cheap to capture)."""
-    step = max(16, (1 << max(n - 1, 0).bit_length()) // 16)
-    return -(-n // step) * step
+    return _round_up(n, max(16, _pow2_at_least(n) // 16))
+
+
+def _padded_windows(chunks: list[list[int]]) -> list[list[int]]:
+    """Forced-window chunks padded with 0 to one width (at least 1): a (rows, width) table."""
+    width = max(1, max(len(c) for c in chunks))
+    return [c + [0] * (width - len(c)) for c in chunks]
 
 
 def _window_at(windows: list[tuple[int, list[int]]], count: int) -> tuple[int, list[int], int]:

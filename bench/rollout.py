@@ -90,7 +90,7 @@ def pure_decode(engine: FastEngine, batch: int, prompt: int, new: int) -> float:
     def burst():
         engine.pos.fill_(kv)
         engine.active.fill_(True)
-        engine._decode(-(-(kv + engine.burst + 1) // engine.bucket) * engine.bucket, 1.0, 1.0)
+        engine._decode(engine.cache_len(kv + engine.burst + 1), 1.0, 1.0)
     sec = time_cuda(burst, repeats=10) / engine.burst
     engine.eos.copy_(eos)
     engine.stops = stops
@@ -103,7 +103,7 @@ def profile_decode(engine: FastEngine, prompt: int, new: int, rows: int = 25) ->
     pure_decode(engine, engine.net.slots, prompt, new)  # the same state as the timing
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
-            engine._decode(-(-(prompt + new // 2 + engine.burst + 1) // engine.bucket) * engine.bucket, 1.0, 1.0)
+            engine._decode(engine.cache_len(prompt + new // 2 + engine.burst + 1), 1.0, 1.0)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows), flush=True)
 
