@@ -125,32 +125,41 @@ def unpack_next(x: torch.Tensor, index: torch.Tensor, shape: torch.Size) -> torc
     return torch.cat([torch.zeros_like(out[:, :1]), out[:, 1:]], 1)
 
 
+def _model_inputs(input_ids, attention_mask, position_ids, pack: bool):
+    """(ids, mask, positions, index) to run a model on: the padded rows as given (index None), or
+    with `pack` the rows packed into one sequence without a mask (`pack_rows`)."""
+    if not pack:
+        return input_ids, attention_mask, position_ids, None
+    ids, positions, index = pack_rows(input_ids, attention_mask, position_ids)
+    return ids, None, positions, index
+
+
+def _align_next(x: torch.Tensor, index: torch.Tensor | None, shape: torch.Size) -> torch.Tensor:
+    """Outputs x about each next token, (B, T - 1) from padded rows or (1, N - 1) from packed ones
+    (`index` from `pack_rows`), aligned with the tokens they are about: (B, T), 0 where nothing
+    precedes a token."""
+    if index is not None:
+        return unpack_next(x[0], index, shape)
+    return torch.cat([torch.zeros_like(x[:, :1]), x], 1)
+
+
 def sequence_logprobs(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
     temperature: float = 1.0, with_entropy: bool = False, pack: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log p(x_t | x_<t), (B, T) aligned with `input_ids` (position 0 is 0). `pack` runs
     the rows as one packed sequence without padding (`pack_rows`)."""
-    if pack:
-        ids, pos, index = pack_rows(input_ids, attention_mask, position_ids)
-        logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits
-        logp, ent = logprobs_and_entropy(logits[:, :-1], ids[:, 1:], temperature, with_entropy=with_entropy)
-        return (unpack_next(logp[0], index, input_ids.shape),
-                unpack_next(ent[0], index, input_ids.shape) if ent is not None else None)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   use_cache=False).logits
-    logp, ent = logprobs_and_entropy(logits[:, :-1], input_ids[:, 1:], temperature, with_entropy=with_entropy)
-    pad = torch.zeros_like(logp[:, :1])
-    return torch.cat([pad, logp], 1), (torch.cat([pad, ent], 1) if ent is not None else None)
+    ids, mask, positions, index = _model_inputs(input_ids, attention_mask, position_ids, pack)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+    logp, ent = logprobs_and_entropy(logits[:, :-1], ids[:, 1:], temperature, with_entropy=with_entropy)
+    return (_align_next(logp, index, input_ids.shape),
+            _align_next(ent, index, input_ids.shape) if ent is not None else None)
 
 
 def sequence_values(critic: Critic, input_ids, attention_mask, position_ids, pack: bool = False) -> torch.Tensor:
     """V of the state before each token, (B, T) aligned with `input_ids` (position 0 is 0)."""
-    if pack:
-        ids, pos, index = pack_rows(input_ids, attention_mask, position_ids)
-        return unpack_next(critic(ids, None, pos)[0, :-1], index, input_ids.shape)
-    values = critic(input_ids, attention_mask, position_ids)
-    return torch.cat([torch.zeros_like(values[:, :1]), values[:, :-1]], 1)
+    ids, mask, positions, index = _model_inputs(input_ids, attention_mask, position_ids, pack)
+    return _align_next(critic(ids, mask, positions)[:, :-1], index, input_ids.shape)
 
 
 
@@ -172,14 +181,11 @@ def chunked_sequence_logprobs(
     """`sequence_logprobs` without (tokens x vocab) logits: the trunk's hidden states go through the
     LM head `chunk` positions at a time, and under autograd each chunk's logits are recomputed in the
     backward pass instead of kept, so peak memory holds one chunk's float32 logits."""
-    index = None
-    if pack:
-        input_ids, position_ids, index = pack_rows(input_ids, attention_mask, position_ids)
-        attention_mask, shape = None, attention_mask.shape
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+    ids, mask, positions, index = _model_inputs(input_ids, attention_mask, position_ids, pack)
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions,
                                  use_cache=False).last_hidden_state
     B, T, D = hidden.shape
-    flat, labels = hidden[:, :-1].reshape(-1, D), input_ids[:, 1:].reshape(-1)
+    flat, labels = hidden[:, :-1].reshape(-1, D), ids[:, 1:].reshape(-1)
     weight = model.get_output_embeddings().weight
     logps, ents = [], []
     for start in range(0, flat.shape[0], chunk):
@@ -190,9 +196,5 @@ def chunked_sequence_logprobs(
             lp, ent = _head_logprobs(*args)
         logps.append(lp)
         ents.append(ent)
-    if index is not None:
-        return (unpack_next(torch.cat(logps), index, shape),
-                unpack_next(torch.cat(ents), index, shape) if with_entropy else None)
-    pad = hidden.new_zeros(B, 1, dtype=torch.float32)
-    logp = torch.cat([pad, torch.cat(logps).view(B, T - 1)], 1)
-    return logp, (torch.cat([pad, torch.cat(ents).view(B, T - 1)], 1) if with_entropy else None)
+    align = lambda parts: _align_next(torch.cat(parts).view(B, T - 1), index, input_ids.shape)
+    return align(logps), (align(ents) if with_entropy else None)
