@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TINY_RUN
 
 from agents.distributed import per_rank, sanitize_cuda_arch_list
 
@@ -21,14 +22,10 @@ WORKER = str(ROOT / "tests" / "dist_worker.py")
 TIMEOUT_S = 900
 
 TINY = [
-    "task.world_preset=easy", "task.n_test=4", "episode.prompt_template=compact",
-    "episode.max_response_tokens=24", "episode.max_turns=2",
-    "model.init={hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, "
-    "intermediate_size: 64}",
+    *TINY_RUN, "task.n_test=4", "episode.max_response_tokens=24",
     "sft.enabled=false", "rollout.n_prompts=4", "rollout.forced_turns=[2]", "rollout.forced_answer_at=12",
     "rollout.micro_batch_tokens=150",  # two micro-batches per step in 1 process, one per rank in 2
     "algorithm.minibatch_size=4", "algorithm.ppo_epochs=2",  # two optimizer steps on the whole batch
-    "optim.actor_lr=1e-3", "optim.critic_lr=1e-3",
 ]
 
 

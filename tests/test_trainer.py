@@ -9,18 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TINY_RUN
 
 import train
 from agents.trainer import latest_checkpoint
 
 TINY = [
-    "task.world_preset=easy", "task.n_test=8", "episode.prompt_template=compact",
-    "episode.max_response_tokens=48", "episode.max_turns=2",
-    "model.init={hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, "
-    "intermediate_size: 64}",
+    *TINY_RUN, "task.n_test=8", "episode.max_response_tokens=48",
     "sft.enabled=true", "sft.n_examples=32", "sft.epochs=1", "sft.batch_size=16",
     "rollout.n_prompts=4", "algorithm.minibatch_size=4", "algorithm.ppo_epochs=1",
-    "optim.actor_lr=1e-3", "optim.critic_lr=1e-3", "eval_every=0", "save_every=1", "keep_checkpoints=5",
+    "eval_every=0", "save_every=1", "keep_checkpoints=5",
 ]
 
 

@@ -1,4 +1,4 @@
-"""Tiny, fully local building blocks for tests: a byte-level BPE tokenizer and a random Qwen2 model."""
+"""Tiny, fully local building blocks for tests: a byte-level BPE tokenizer and the overrides of a tiny run."""
 
 from __future__ import annotations
 
@@ -15,6 +15,16 @@ CORPUS = [
     "Answer the question below. Candidate models: Question: Where is Paris? The answer is France.",
     "Qwen2.5-7B-Instruct LLaMA-3.1-70B-Instruct error: timeout unknown candidate no calls remain",
     "émoji 🙂 and 北京 are unicode; colons: a: b: c. 0123456789",
+]
+
+
+# train.py overrides shared by the end-to-end tests: an easy RouteWorld, compact prompts, two turns
+# and a one-layer random policy; each test adds its own sizes
+TINY_RUN = [
+    "task.world_preset=easy", "episode.prompt_template=compact", "episode.max_turns=2",
+    "model.init={hidden_size: 32, num_hidden_layers: 1, num_attention_heads: 2, num_key_value_heads: 1, "
+    "intermediate_size: 64}",
+    "optim.actor_lr=1e-3", "optim.critic_lr=1e-3",
 ]
 
 
