@@ -334,7 +334,7 @@ class ZeroEngine:
 
 def make_engine(module: nn.Module, lr: float, weight_decay: float, grad_clip: float, warmup_steps: int,
                 dist_: Dist, deepspeed: str | None) -> PlainEngine | ZeroEngine:
-    """PlainEngine without DeepSpeed, else a ZeroEngine for configs/deepspeed/<deepspeed>.json."""
+    """PlainEngine without DeepSpeed, else a ZeroEngine for `deepspeed` (see `deepspeed_config`)."""
     if deepspeed is None:
         return PlainEngine(module, lr, weight_decay, grad_clip, warmup_steps, dist_)
     return ZeroEngine(module, deepspeed, lr, weight_decay, grad_clip, warmup_steps, dist_)
