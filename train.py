@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -106,6 +107,9 @@ def write_report(run_dir: Path, rows: dict[str, dict], metrics_path: Path) -> st
 
 
 def main(argv=None) -> dict:
+    # read when CUDA starts: memory freed by one micro-batch's shapes is reused by the next's (1.5B update
+    # under ZeRO-2 on an H200: 2.60 -> 2.52 s per step); a user's own setting wins
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)  # every key validated before any model loads
     dist_ = init_distributed(cfg.device, use_deepspeed=cfg.deepspeed is not None)

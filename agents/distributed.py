@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from agents.collectives import all_reduce
+from agents.policy import decoder_layers
 
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
 
@@ -254,6 +255,9 @@ class ZeroEngine:
         broadcast_module(module, dist_)
         config = deepspeed_config(name, lr, weight_decay, grad_clip, dist_.device.type == "cuda")
         self.stage = config["zero_optimization"]["stage"]
+        if self.stage == 3:  # each decoder layer's parameters are gathered together: one hook, one gather per layer
+            from deepspeed.utils import set_z3_leaf_modules
+            set_z3_leaf_modules(module, [type(decoder_layers(module)[0])])
         params = [p for p in module.parameters() if p.requires_grad]
         self.model, *_ = deepspeed.initialize(
             model=module, model_parameters=params, config=config,

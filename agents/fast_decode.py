@@ -127,14 +127,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
-def decoder_layer(x, norm1, qkv, qkv_bias, out, norm2, gate_up, down, kc, vc, rows, slots, positions, cos, sin,
-                  hidden_mask, kv_len: int, heads: int, kv_heads: int, eps: float) -> torch.Tensor:
-    """One pre-norm decoder layer on x (N, Lq, hidden): fused QKV, RoPE, K/V written into the cache
-    rows `rows` at `positions`, grouped-query attention over the first `kv_len` cache positions
-    (masked by `hidden_mask`), output projection, fused gate-up SwiGLU MLP; residuals in x's dtype."""
+def decoder_layer(x, delta, norm1, qkv, qkv_bias, out, norm2, gate_up, down, kc, vc, rows, slots, positions, cos,
+                  sin, hidden_mask, kv_len: int, heads: int, kv_heads: int,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pre-norm decoder layer on the residual stream x + delta (N, Lq, hidden): fused QKV, RoPE,
+    K/V written into the cache rows `rows` at `positions`, grouped-query attention over the first
+    `kv_len` cache positions (masked by `hidden_mask`), output projection, fused gate-up SwiGLU MLP;
+    residuals in x's dtype. Returns (the stream after attention, the MLP's output): the next layer
+    adds them, in the same kernel as its first norm."""
     N, Lq, _ = x.shape
     d = cos.shape[-1]
     g = heads // kv_heads
+    x = x + delta
     h = rms_norm(x, norm1, eps)
     q, k, v = F.linear(h, qkv, qkv_bias).split([heads * d, kv_heads * d, kv_heads * d], -1)
     q = q.view(N, Lq, heads, d)
@@ -158,7 +162,12 @@ def decoder_layer(x, norm1, qkv, qkv_bias, out, norm2, gate_up, down, kc, vc, ro
         attn = attn.transpose(1, 2).reshape(N, Lq, heads * d)
     x = x + F.linear(attn, out)
     gate, up = F.linear(rms_norm(x, norm2, eps), gate_up).chunk(2, -1)
-    return x + F.linear(F.silu(gate) * up, down)
+    return x, F.linear(F.silu(gate) * up, down)
+
+
+def final_hidden(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The last layer's residual sum, through the final norm."""
+    return rms_norm(x + delta, weight, eps)
 
 
 def _layout(model, clone: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[LayerWeights]]:
@@ -212,7 +221,7 @@ class FastModel:
         probe = torch.zeros(1, device=self.device, dtype=self.dtype)
         cos, sin = trunk.rotary_emb(probe, positions)  # the model's own RoPE table, in its dtype
         self.cos, self.sin = cos[0], sin[0]
-        self.compiled_layer = self.compiled_prefill = None
+        self.compiled_layer = self.compiled_prefill = self.compiled_final = None
 
     @torch.no_grad()
     def load_weights(self, model) -> None:
@@ -226,12 +235,14 @@ class FastModel:
         for dst, src in zip(mine, theirs):
             dst.copy_(src)
 
-    def compile(self) -> None:
+    def compile(self, mode: str | None = None) -> None:
         """Fuse each layer's small operations with torch.compile (GPU): decode once per cache length,
-        shared by all layers; prefill once with symbolic sizes, since its shapes vary more."""
+        shared by all layers, in `mode` (e.g. max-autotune-no-cudagraphs); prefill once with symbolic
+        sizes, since its shapes vary more."""
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # shapes x buckets
-        self.compiled_layer = torch.compile(decoder_layer, dynamic=False)
+        self.compiled_layer = torch.compile(decoder_layer, dynamic=False, mode=mode)
         self.compiled_prefill = torch.compile(decoder_layer, dynamic=True)
+        self.compiled_final = torch.compile(final_hidden, dynamic=True)
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None,
                 kv_len: int) -> torch.Tensor:
@@ -246,11 +257,12 @@ class FastModel:
         # (N, 1, 1, Lq, kv_len): key s is visible to the query at position p iff s <= p
         hidden_mask = (keys_at[None, None, :] > positions[:, :, None])[:, None, None]
         x = F.embedding(ids, self.embed)
+        delta = torch.zeros_like(x)
         layer = (self.compiled_layer if slots is None else self.compiled_prefill) or decoder_layer
         for w, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
-            x = layer(x, w.norm1, w.qkv, w.qkv_bias, w.out, w.norm2, w.gate_up, w.down, kc, vc, rows, slots,
-                      positions, cos, sin, hidden_mask, kv_len, self.heads, self.kv_heads, self.eps)
-        return rms_norm(x, self.final_norm, self.eps)
+            x, delta = layer(x, delta, w.norm1, w.qkv, w.qkv_bias, w.out, w.norm2, w.gate_up, w.down, kc, vc, rows,
+                             slots, positions, cos, sin, hidden_mask, kv_len, self.heads, self.kv_heads, self.eps)
+        return (self.compiled_final or final_hidden)(x, delta, self.final_norm, self.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.lm_head)
@@ -310,6 +322,20 @@ def forced_windows(forced: ForcedSchedule | None) -> list[tuple[int, list[int]]]
     return windows
 
 
+def advance_rows(nxt: torch.Tensor, active: torch.Tensor, tails: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor,
+                 count: torch.Tensor, stop_at: torch.Tensor, eos: torch.Tensor, token_codes: torch.Tensor,
+                 token_lengths: torch.Tensor, stops: list[torch.Tensor]) -> None:
+    """Advance the active rows by their chosen tokens `nxt`, in place: their text tails, last token,
+    position and count; then freeze the rows whose text ended a stop string, that chose an EOS id or
+    that reached their stop count."""
+    new_tails, stopped = extend_tails(tails, token_codes[nxt], token_lengths[nxt], stops)
+    tails.copy_(torch.where(active[:, None], new_tails, tails))
+    tok.copy_(torch.where(active, nxt, tok))
+    pos.add_(active.long())
+    count.add_(active.long())
+    active.copy_(active & ~stopped & ~eos[nxt] & (count < stop_at))
+
+
 @dataclass
 class Slot:
     """Host view of one cache row: its episode, the last chosen token (not yet in the cache) and
@@ -332,17 +358,18 @@ class FastEngine:
 
     def __init__(self, model, tokenizer, slots: int, max_len: int, burst: int = 16, bucket: int = 256,
                  prefill_tokens: int = 16384, use_graphs: bool | None = None, compile: bool = True,
-                 extra_eos_ids=()):
+                 compile_mode: str | None = None, extra_eos_ids=()):
         # cache positions rounded up to the bucket: every attention length read is a multiple of it
         # (an unaligned length such as 785 makes the attention matmuls twice as slow)
         self.net = FastModel(model, slots, _round_up(max_len + burst + 1, bucket))
         self.max_len, self.burst, self.bucket, self.prefill_tokens = max_len, burst, bucket, prefill_tokens
         dev = self.net.device
         self.use_graphs = (dev.type == "cuda") if use_graphs is None else use_graphs
-        self.choose = choose_tokens
+        self.choose, self.advance = choose_tokens, advance_rows
         if self.use_graphs and compile:
-            self.net.compile()
+            self.net.compile(compile_mode)
             self.choose = torch.compile(choose_tokens, dynamic=False)  # the vocabulary-wide work, fused
+            self.advance = torch.compile(advance_rows, dynamic=False)  # a few dozen small kernels, fused
         vocab = self.net.lm_head.shape[0]
         self.eos = torch.zeros(vocab, dtype=torch.bool)
         self.eos[list(eos_token_ids(tokenizer, extra_eos_ids))] = True
@@ -385,16 +412,11 @@ class FastEngine:
         logits = self.net.logits(hidden[:, 0])
         nxt, lp = self.choose(logits, temperature, top_p, self.key, self.count, self.win_start,
                               self.win_len, self.win_tokens)
-        act = self.active
         self.out_tok[:, j] = nxt
         self.out_lp[:, j] = lp
-        self.out_valid[:, j] = act
-        tails, stopped = extend_tails(self.tails, self.token_codes[nxt], self.token_lengths[nxt], self.stops)
-        self.tails.copy_(torch.where(act[:, None], tails, self.tails))
-        self.tok.copy_(torch.where(act, nxt, self.tok))
-        self.pos.add_(act.long())
-        self.count.add_(act.long())
-        self.active.copy_(act & ~stopped & ~self.eos[nxt] & (self.count < self.stop_at))
+        self.out_valid[:, j] = self.active
+        self.advance(nxt, self.active, self.tails, self.tok, self.pos, self.count, self.stop_at, self.eos,
+                     self.token_codes, self.token_lengths, self.stops)
 
     def _burst(self, steps: int, kv_len: int, temperature: float, top_p: float) -> None:
         for j in range(steps):
@@ -417,7 +439,8 @@ class FastEngine:
             def drop_compiled() -> bool:
                 if self.net.compiled_layer is None and self.choose is choose_tokens:
                     return False
-                self.net.compiled_layer, self.choose = None, choose_tokens
+                self.net.compiled_layer, self.net.compiled_final = None, None
+                self.choose, self.advance = choose_tokens, advance_rows
                 restore()
                 return True
             self.graphs[key] = self._capture(lambda: self._burst(steps, kv_len, temperature, top_p),
@@ -511,7 +534,8 @@ class FastEngine:
                 self.prefill_out[:n].copy_(self.net.logits(hidden[torch.arange(n, device=hidden.device), inputs[3]]))
 
             def drop_compiled() -> bool:
-                had, self.net.compiled_prefill = self.net.compiled_prefill is not None, None
+                had = self.net.compiled_prefill is not None
+                self.net.compiled_prefill = self.net.compiled_final = None
                 return had
             self.prefill_graphs[key] = (self._capture(forward, drop_compiled, "prefill"), inputs)
         graph, inputs = self.prefill_graphs[key]

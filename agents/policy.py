@@ -52,6 +52,19 @@ def build_actor(cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: int, dev
     return model.to(device)
 
 
+def compile_layers(model: nn.Module, backend: str = "inductor") -> None:
+    """torch.compile each decoder layer of `model` (a causal LM or a Critic) in place, with symbolic
+    sizes (micro-batch shapes vary): the norms, rotary embedding and SwiGLU fuse into few kernels.
+    One compiled code object serves all layers; parameters and state-dict keys are unchanged."""
+    for layer in decoder_layers(model):
+        layer.compile(dynamic=True, backend=backend)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a causal LM or a Critic."""
+    return (model.trunk if isinstance(model, Critic) else model.get_decoder()).layers
+
+
 class Critic(nn.Module):
     """V(s_t): the causal LM's transformer trunk (no LM head) and a zero-initialised scalar head."""
 

@@ -27,8 +27,8 @@ from agents.distributed import (Dist, PlainEngine, ZeroEngine, broadcast_module,
                                 make_engine, wrap_reference)
 from agents.kl import AdaptiveKLController, FixedKLController, kl_estimate
 from agents.losses import agg_loss, kl_loss, policy_loss, step_denominator, value_loss
-from agents.policy import (build_critic, build_reference, chunked_sequence_logprobs, sequence_logprobs,
-                           sequence_values)
+from agents.policy import (build_critic, build_reference, chunked_sequence_logprobs, compile_layers,
+                           sequence_logprobs, sequence_values)
 from agents.rollout import ForcedSchedule, run_rollouts
 from envs.vector import MultiRouteVectorEnv
 from rewards import compute_reward, make_cost_normalizer
@@ -114,6 +114,10 @@ class Trainer:
         broadcast_module(actor, dist_)  # critic and reference start from rank 0's actor on every rank
         critic = build_critic(actor, cfg.model.critic_init) if self.estimator.needs_critic else None
         ref = build_reference(actor) if alg.kl.placement != "none" and alg.kl.coef > 0 else None
+        if cfg.model.compile_layers:
+            for m in (actor, critic, ref):
+                if m is not None:
+                    compile_layers(m)
         o, ds = cfg.optim, cfg.deepspeed
         actor_engine = make_engine(actor, o.actor_lr, o.weight_decay, o.grad_clip, o.warmup_steps, dist_, ds)
         critic_engine = (make_engine(critic, o.critic_lr, o.weight_decay, o.grad_clip, o.warmup_steps, dist_,

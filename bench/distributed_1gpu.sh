@@ -18,6 +18,8 @@ else
 fi
 COMMON=(model.dtype=bfloat16 sft.enabled=false "rollout.forced_turns=[8,40]" rollout.forced_answer_at=64
         episode.max_response_tokens=96 "${SIZES[@]}" eval_every=0 task.n_test=64 keep_checkpoints=1)
+read -ra EXTRA <<< "${EXTRA_ARGS:-}"  # more overrides, e.g. EXTRA_ARGS="model.compile_layers=true rollout.pack_sequences=true"
+COMMON+=("${EXTRA[@]}")
 for stage in $STAGES; do
   dir=/tmp/runs/$stage; mkdir -p "$OUT/distributed_1gpu/$stage"
   for steps in "${RUNS[@]}"; do

@@ -18,7 +18,7 @@ import torch
 from agents.batch import micro_batch_rows
 from agents.distributed import Dist, PlainEngine, ZeroEngine, init_distributed
 from agents.losses import agg_loss, policy_loss, value_loss
-from agents.policy import build_critic, chunked_sequence_logprobs, sequence_logprobs, sequence_values
+from agents.policy import build_critic, chunked_sequence_logprobs, compile_layers, sequence_logprobs, sequence_values
 from bench.common import matmul_rate, n_params, random_qwen, table, write_results
 
 
@@ -92,12 +92,16 @@ def groups_of(seqs, budget: int, sort: bool, pack: bool = False) -> list[list[to
     return out + [cur]
 
 
-def fresh_models(shape: str, attention: str = "sdpa"):
+def fresh_models(shape: str, attention: str = "sdpa", compile: bool = False):
     torch.manual_seed(0)
     actor = random_qwen(shape).train()
     actor.set_attn_implementation(attention)  # the critic's trunk is built from the same config
     with torch.device("cuda"):
-        return actor, build_critic(actor, "random").train()
+        critic = build_critic(actor, "random").train()
+    if compile:
+        for m in (actor, critic):
+            compile_layers(m)
+    return actor, critic
 
 
 def engines(actor, critic, stage: str | None, dist_: Dist):
@@ -134,9 +138,12 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=8192, help="padded tokens per micro-batch")
     p.add_argument("--no-deepspeed", action="store_true", help="skip the ZeRO-2 and ZeRO-3 rows")
     p.add_argument("--flex", action="store_true", help="add rows with packed micro-batches and FlexAttention")
-    p.add_argument("--zero3-configs", nargs="*", default=[], help="more DeepSpeed ZeRO-3 JSON files to time")
+    p.add_argument("--ds-configs", nargs="*", default=[], help="more DeepSpeed JSON files to time (packed with "
+                   "FlexAttention under --flex)")
     p.add_argument("--only", default="", help="run only the rows whose name contains this text (DeepSpeed keeps "
                    "some memory after its engines are deleted: time ZeRO-3 in a process of its own)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every decoder layer (model.compile_layers)")
+    p.add_argument("--tag", default="", help="written to bench/results/update_<tag>_<gpu>_<date>.json")
     args = p.parse_args()
     peak = matmul_rate()
     print(f"bf16 matmul {peak / 1e12:.0f} TFLOP/s", flush=True)
@@ -149,7 +156,7 @@ def main() -> None:
     def run(name, stage, budget, sort, logprob_fn, checkpointing=False, pack=False, attention="sdpa"):
         if args.only and args.only not in name:
             return
-        actor, critic = fresh_models(args.shape, attention)
+        actor, critic = fresh_models(args.shape, attention, args.compile)
         if checkpointing:
             for m in (actor, critic.trunk):
                 m.gradient_checkpointing_enable()
@@ -180,10 +187,15 @@ def main() -> None:
         if args.flex:
             run("ours, DeepSpeed ZeRO-2: packed, FlexAttention", "zero2", args.tokens, True, ds_logprobs, pack=True,
                 attention="flex_attention")
-        for stage in ["zero3"] + args.zero3_configs:
-            run(f"ours, DeepSpeed ZeRO-3 ({stage})", stage, args.tokens, True, ds_logprobs)
+        run("ours, DeepSpeed ZeRO-3 (zero3)", "zero3", args.tokens, True, ds_logprobs)
+        for path in args.ds_configs:
+            if args.flex:
+                run(f"ours, DeepSpeed {path}: packed, FlexAttention", path, args.tokens, True, ds_logprobs, pack=True,
+                    attention="flex_attention")
+            else:
+                run(f"ours, DeepSpeed {path}", path, args.tokens, True, ds_logprobs)
     print(table(rows, ["path", "step_s", "tokens", "padding_pct", "micro_batches", "tok_s", "TFLOP_s", "mfu_pct", "mem_GB"]))
-    path = write_results("update", {"shape": args.shape, "matmul_Fps": peak, "lengths": lengths, "rows": rows})
+    path = write_results("_".join(filter(None, ["update", args.tag])), {"shape": args.shape, "matmul_Fps": peak, "lengths": lengths, "rows": rows})
     print(f"wrote {path}")
 
 

@@ -9,7 +9,7 @@ from tiny import tiny_tokenizer
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from agents.fast_decode import FastEngine, choose_tokens, invert_cdf, keyed_uniform
-from agents.policy import build_critic, chunked_sequence_logprobs, sequence_logprobs, sequence_values
+from agents.policy import build_critic, chunked_sequence_logprobs, compile_layers, sequence_logprobs, sequence_values
 from agents.rollout import ForcedSchedule, run_rollouts
 from envs.candidates import CandidatePool, CandidateSpec
 from envs.candidates.simulated import SimulatedBackend
@@ -225,3 +225,31 @@ def test_packed_rows_give_the_padded_rows_logprobs_values_and_gradients(logprobs
     assert len(grads) == len(ref_grads)
     for a, b in zip(ref_grads, grads):
         assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max()) + 1e-7
+
+
+def test_compiled_layers_give_the_same_logprobs_values_and_gradients():
+    """compile_layers (traced by dynamo; here with the eager backend) changes no number, packed or padded,
+    and keeps the state-dict keys a checkpoint is written under."""
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok)).train()
+    critic = build_critic(model).train()
+    keys = list(model.state_dict()) + list(critic.state_dict())
+    ids = torch.randint(2, len(tok), (3, 11))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+
+    def run(pack):
+        model.zero_grad(), critic.zero_grad()
+        lp, _ = chunked_sequence_logprobs(model, ids, mask, pos, pack=pack)
+        v = sequence_values(critic, ids, mask, pos, pack=pack)
+        (lp * mask).sum().add((v * mask).sum()).backward()
+        return [lp * mask, v * mask] + [p.grad.clone() for p in list(model.parameters()) + list(critic.parameters())]
+    ref = [run(pack) for pack in (False, True)]
+    for m in (model, critic):
+        compile_layers(m, backend="eager")
+    assert all(layer._compiled_call_impl is not None for layer in model.model.layers + critic.trunk.layers)
+    got = [run(pack) for pack in (False, True)]
+    for a, b in zip(sum(ref, []), sum(got, [])):
+        assert torch.allclose(a, b, atol=1e-6), float((a - b).abs().max())
+    assert list(model.state_dict()) + list(critic.state_dict()) == keys
