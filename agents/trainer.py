@@ -114,14 +114,17 @@ class Trainer:
         broadcast_module(actor, dist_)  # critic and reference start from rank 0's actor on every rank
         critic = build_critic(actor, cfg.model.critic_init) if self.estimator.needs_critic else None
         ref = build_reference(actor) if alg.kl.placement != "none" and alg.kl.coef > 0 else None
-        if cfg.model.compile_layers:
-            for m in (actor, critic, ref):
-                if m is not None:
-                    compile_layers(m)
         o, ds = cfg.optim, cfg.deepspeed
         actor_engine = make_engine(actor, o.actor_lr, o.weight_decay, o.grad_clip, o.warmup_steps, dist_, ds)
         critic_engine = (make_engine(critic, o.critic_lr, o.weight_decay, o.grad_clip, o.warmup_steps, dist_,
                                      ds) if critic is not None else None)
+        if cfg.model.compile_layers and getattr(actor_engine, "stage", 0) == 3:
+            log.info("model.compile_layers is skipped under ZeRO-3: its per-layer gather hooks break the "
+                     "compiled graph (1.5B update on an H200: no gain)")
+        elif cfg.model.compile_layers:
+            for m in (actor, critic, ref):
+                if m is not None:
+                    compile_layers(m)
         # the chunked LM head keeps no (tokens x vocab) logits for the backward pass, but it reads the head's
         # weight outside the module's forward, which DeepSpeed's hooks neither gather nor account for
         self.logprobs = partial(sequence_logprobs if ds else chunked_sequence_logprobs,
