@@ -235,12 +235,11 @@ class FastModel:
         for dst, src in zip(mine, theirs):
             dst.copy_(src)
 
-    def compile(self, mode: str | None = None) -> None:
+    def compile(self) -> None:
         """Fuse each layer's small operations with torch.compile (GPU): decode once per cache length,
-        shared by all layers, in `mode` (e.g. max-autotune-no-cudagraphs); prefill once with symbolic
-        sizes, since its shapes vary more."""
+        shared by all layers; prefill once with symbolic sizes, since its shapes vary more."""
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # shapes x buckets
-        self.compiled_layer = torch.compile(decoder_layer, dynamic=False, mode=mode)
+        self.compiled_layer = torch.compile(decoder_layer, dynamic=False)
         self.compiled_prefill = torch.compile(decoder_layer, dynamic=True)
         self.compiled_final = torch.compile(final_hidden, dynamic=True)
 
@@ -358,7 +357,7 @@ class FastEngine:
 
     def __init__(self, model, tokenizer, slots: int, max_len: int, burst: int = 16, bucket: int = 256,
                  prefill_tokens: int = 16384, use_graphs: bool | None = None, compile: bool = True,
-                 compile_mode: str | None = None, extra_eos_ids=()):
+                 extra_eos_ids=()):
         # cache positions rounded up to the bucket: every attention length read is a multiple of it
         # (an unaligned length such as 785 makes the attention matmuls twice as slow)
         self.net = FastModel(model, slots, _round_up(max_len + burst + 1, bucket))
@@ -367,7 +366,7 @@ class FastEngine:
         self.use_graphs = (dev.type == "cuda") if use_graphs is None else use_graphs
         self.choose, self.advance = choose_tokens, advance_rows
         if self.use_graphs and compile:
-            self.net.compile(compile_mode)
+            self.net.compile()
             self.choose = torch.compile(choose_tokens, dynamic=False)  # the vocabulary-wide work, fused
             self.advance = torch.compile(advance_rows, dynamic=False)  # a few dozen small kernels, fused
         vocab = self.net.lm_head.shape[0]
