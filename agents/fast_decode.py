@@ -350,7 +350,8 @@ class FastEngine:
     ends takes the next waiting one. The device decodes `burst` tokens per call (one CUDA graph
     replay on GPU, eager on CPU) and freezes a row as soon as its text ends a stop string
     (`</search>`, `</answer>`: `extend_tails` on the device), it samples an EOS id or it reaches
-    its stop count, so Python sees every token once, in batches, and acts only at stops.
+    its stop count, so Python sees every token once, in batches, and acts only at stops. The next
+    burst starts before Python reads the last one's tokens, so the env's work overlaps decoding.
 
     Use `run(...)` directly or `run_rollouts(..., engine=engine)`: same arguments, same results
     as the simple path (token for token with greedy decoding)."""
@@ -359,8 +360,9 @@ class FastEngine:
                  prefill_tokens: int = 16384, use_graphs: bool | None = None, compile: bool = True,
                  extra_eos_ids=()):
         # cache positions rounded up to the bucket: every attention length read is a multiple of it
-        # (an unaligned length such as 785 makes the attention matmuls twice as slow)
-        self.net = FastModel(model, slots, _round_up(max_len + burst + 1, bucket))
+        # (an unaligned length such as 785 makes the attention matmuls twice as slow); a row may run
+        # two bursts past the host's last look at it
+        self.net = FastModel(model, slots, _round_up(max_len + 2 * burst + 1, bucket))
         self.max_len, self.burst, self.bucket, self.prefill_tokens = max_len, burst, bucket, prefill_tokens
         dev = self.net.device
         self.use_graphs = (dev.type == "cuda") if use_graphs is None else use_graphs
@@ -384,6 +386,8 @@ class FastEngine:
         self.tails = torch.zeros(B, width, dtype=torch.int32, device=dev)
         self.win_buffers = {1: torch.zeros(B, 1, dtype=torch.long, device=dev)}  # forced windows, by width
         self.win_tokens = self.win_buffers[1]
+        self.row_windows: list[list[int]] = [[] for _ in range(B)]  # each row's forced chunk, as last uploaded
+        self.epoch = [0] * B  # uploads per row: a burst's tokens count only for the upload they ran under
         self.out_tok = torch.zeros(B, burst, dtype=torch.long, device=dev)
         self.out_lp = torch.zeros(B, burst, dtype=torch.float, device=dev)
         self.out_valid = torch.zeros(B, burst, dtype=torch.bool, device=dev)
@@ -391,9 +395,10 @@ class FastEngine:
         self.prefill_graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor]]] = {}
         self.prefill_out = torch.zeros(B, vocab, dtype=self.net.dtype, device=dev) if self.use_graphs else None
         self.pool = None
-        # wall time of each part of `run` (upload: host state to the device; decode: graph replays and
-        # reading their tokens back; capture: graphs of new shapes, inside prefill or decode), the
-        # decode steps run, plain and times their cache length, and the graphs captured
+        # wall time of each part of `run` (prefill: settling slots, calls and prefill included; upload:
+        # host state to the device and launching a burst; decode: waiting for a burst's tokens; env:
+        # pushing them; capture: graphs of new shapes, inside prefill or upload), the decode steps
+        # run, plain and times their cache length, and the graphs captured
         self.timings = dict.fromkeys(("prefill_s", "upload_s", "decode_s", "env_s", "capture_s", "decode_steps",
                                       "decode_kv_steps", "captures"), 0.0)
 
@@ -480,40 +485,56 @@ class FastEngine:
 
     # -- host side
 
-    def _upload(self, slots: list[Slot], env: MultiRouteVectorEnv, keys: list[int],
-                windows: list[tuple[int, list[int]]]) -> int:
-        """Write the host's view of every row into the device buffers. Returns the most tokens any
-        running row can decode before a known stop (its token limit or the next forced window)."""
+    def _upload(self, rows: list[int], slots: list[Slot], env: MultiRouteVectorEnv, keys: list[int],
+                windows: list[tuple[int, list[int]]]) -> None:
+        """Write the host's view of the given rows into the device buffers, in stream order (no wait
+        for a burst in flight). The other rows keep the state their bursts advanced; the forced-window
+        table is rewritten whole from every row's last uploaded chunk, which a running row never leaves."""
         limit = env.cfg.max_response_tokens
-        rows = {name: [] for name in ("tok", "pos", "count", "active", "stop_at", "key", "win_start", "win_len")}
-        win_rows = []
-        for s in slots:
+        values = []
+        for r in rows:
+            s = slots[r]
             ep = env.episodes[s.episode] if s.episode is not None else None
-            if ep is not None and s.pos >= self.max_len:
-                raise ValueError(f"episode {s.episode} reached position {s.pos}, past the engine's max_len={self.max_len} "
-                                 "(raise rollout.engine_max_len)")
+            self._check_room(s)
             running = ep is not None and ep.state == GENERATING
             count = ep.policy_tokens if ep is not None else 0
             start, chunk, stop = _window_at(windows, count)
-            rows["tok"].append(s.token)
-            rows["pos"].append(s.pos if ep is not None else self.net.scratch - self.burst)
-            rows["count"].append(count)
-            rows["active"].append(running)
-            rows["stop_at"].append(min(limit, stop))
-            rows["key"].append(keys[s.episode] if ep is not None else 0)
-            rows["win_start"].append(start)
-            rows["win_len"].append(len(chunk))
-            win_rows.append(chunk)
-        table = _padded_windows(win_rows)
+            values.append([s.token, s.pos if ep is not None else self.net.scratch - self.burst, count, running,
+                           min(limit, stop), keys[s.episode] if ep is not None else 0, start, len(chunk)])
+            self.row_windows[r] = chunk
+            self.epoch[r] += 1
+        table = _padded_windows(self.row_windows)
         width = len(table[0])
         if width not in self.win_buffers:  # kept for good: captured graphs read it at this address
             self.win_buffers[width] = torch.zeros(len(slots), width, dtype=torch.long, device=self.net.device)
         self.win_tokens = self.win_buffers[width]
-        self.win_tokens.copy_(torch.tensor(table))
-        for name, values in rows.items():
-            getattr(self, name).copy_(torch.tensor(values, dtype=getattr(self, name).dtype))
-        return max((stop - count for stop, count, run in zip(rows["stop_at"], rows["count"], rows["active"]) if run),
-                   default=1)
+        self.win_tokens.copy_(_to_device(torch.tensor(table), self.net.device))
+        idx = _to_device(torch.tensor(rows), self.net.device)
+        columns = _to_device(torch.tensor(values, dtype=torch.long), self.net.device)
+        for k, name in enumerate(("tok", "pos", "count", "active", "stop_at", "key", "win_start", "win_len")):
+            buf = getattr(self, name)
+            buf[idx] = columns[:, k].to(buf.dtype)
+
+    def _check_room(self, s: Slot) -> None:
+        if s.episode is not None and s.pos >= self.max_len:
+            raise ValueError(f"episode {s.episode} reached position {s.pos}, past the engine's max_len={self.max_len} "
+                             "(raise rollout.engine_max_len)")
+
+    def _launch(self, kv_len: int, temperature: float, top_p: float) -> Burst:
+        """Start a burst of `burst` steps for every row and the copy of its tokens to the host; returns
+        without waiting for either."""
+        self._decode(kv_len, temperature, top_p)
+        self.timings["decode_steps"] += self.burst
+        self.timings["decode_kv_steps"] += self.burst * kv_len
+        out = (self.out_tok, self.out_lp, self.out_valid, self.active)
+        if not self.use_graphs:
+            return Burst([t.clone() for t in out], None, list(self.epoch))
+        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in out]
+        for h, t in zip(host, out):
+            h.copy_(t, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return Burst(host, done, list(self.epoch))
 
     def _prefill_logits(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, last: torch.Tensor,
                         kv_len: int) -> torch.Tensor:
@@ -611,60 +632,106 @@ class FastEngine:
             stats.generated_tokens += 1
             return env.push(s.episode, token) == GENERATING
 
+        # A pipeline of one burst: the next burst starts before the host reads the last one's tokens, so
+        # the env's work overlaps the device's. A row the device froze (a stop string, EOS, its stop
+        # count) sits out the burst in flight; the host then settles it and uploads it alone.
+        inflight: Burst | None = None
+        wake = set(range(len(slots)))  # rows to upload even if unchanged: all at first (last phase's state)
         while True:
-            # settle every slot that is not generating: refill finished ones, insert replies
+            t0 = time.perf_counter()
+            rows = self._settle(slots, env, waiting, keys, windows, temperature, top_p, accept, stats) | wake
+            wake = set()
+            t1 = time.perf_counter()
+            if rows:
+                self._upload(sorted(rows), slots, env, keys, windows)
+            running = [s for s in slots if s.episode is not None and env.episodes[s.episode].state == GENERATING]
+            launched = None
+            if running:  # a row may be one unread burst ahead of the host's view: room for two
+                launched = self._launch(self.cache_len(max(s.pos for s in running) + 2 * self.burst + 1),
+                                        temperature, top_p)
+            t2 = time.perf_counter()
+            self.timings["prefill_s"] += t1 - t0
+            self.timings["upload_s"] += t2 - t1
+            if inflight is not None:
+                wake = self._read(inflight, slots, env, accept)
+            if launched is None and inflight is None:
+                break
+            inflight = launched
+        return logps, stats
+
+    def _settle(self, slots: list[Slot], env, waiting: deque, keys, windows, temperature: float, top_p: float,
+                accept, stats: RolloutStats) -> set[int]:
+        """Until every slot generates or is empty: refill the slots whose episode ended, make the calls
+        of the calling episodes (concurrently), and prefill prompts or replies. Returns the rows whose
+        device state the host changed."""
+        changed = set()
+        while True:
             jobs = []
             for row, s in enumerate(slots):
                 ep = env.episodes[s.episode] if s.episode is not None else None
                 if ep is None or ep.done:
+                    if s.episode is not None:
+                        changed.add(row)
                     s.episode = waiting.popleft() if waiting else None
                     if s.episode is not None:
                         jobs.append((row, s, list(env.episodes[s.episode].prompt_ids), 0))
             calling = [s for s in slots if s.episode is not None and env.episodes[s.episode].state != GENERATING
                        and not env.episodes[s.episode].done]
             if calling:
-                inserted = env.resolve()  # every calling episode's call, concurrently
+                inserted = env.resolve()
                 for s in calling:
                     jobs.append((slots.index(s), s, [s.token] + inserted.get(s.episode, []), s.pos))
-            if jobs:
-                stats.segments += 1
-                t0 = time.perf_counter()
-                chosen = self._prefill(jobs, env, keys, windows, temperature, top_p)
-                self.timings["prefill_s"] += time.perf_counter() - t0
-                for row, token, lp in chosen:
-                    s = slots[row]
-                    s.pos = next(j[3] + len(j[2]) for j in jobs if j[0] == row)
-                    s.token = token
-                    accept(s, token, lp)
-                continue  # a chosen token may itself stop its episode: settle again
-            running = [s for s in slots if s.episode is not None]
-            if not running:
-                break
-            # decode a burst on the device
-            t0 = time.perf_counter()
-            remaining = self._upload(slots, env, keys, windows)
-            # the shortest power-of-two burst that lasts until every row must stop at a known count
-            steps = min(self.burst, _pow2_at_least(remaining))
-            kv_len = self.cache_len(max(s.pos for s in running) + steps + 1)
-            t1 = time.perf_counter()
-            self._decode(kv_len, temperature, top_p, steps)
-            out_tok, out_lp, valid = (t[:, :steps].cpu().tolist() for t in (self.out_tok, self.out_lp, self.out_valid))
-            t2 = time.perf_counter()
-            self.timings["upload_s"] += t1 - t0
-            self.timings["decode_s"] += t2 - t1
-            self.timings["decode_steps"] += steps
-            self.timings["decode_kv_steps"] += steps * kv_len
-            for row, s in enumerate(slots):
-                if s.episode is None:
-                    continue
-                for j in range(steps):
-                    if not valid[row][j]:
-                        break
-                    s.token, s.pos = out_tok[row][j], s.pos + 1
-                    if not accept(s, s.token, out_lp[row][j]):
-                        break  # later tokens of this row (if any) are discarded; the cache is overwritten
-            self.timings["env_s"] += time.perf_counter() - t2
-        return logps, stats
+            if not jobs:
+                return changed
+            stats.segments += 1
+            for row, token, lp in self._prefill(jobs, env, keys, windows, temperature, top_p):
+                s = slots[row]
+                s.pos = next(j[3] + len(j[2]) for j in jobs if j[0] == row)
+                s.token = token
+                accept(s, token, lp)  # a chosen token may itself stop its episode: settle again
+                changed.add(row)
+
+    def _read(self, burst: Burst, slots: list[Slot], env, accept) -> set[int]:
+        """Push a finished burst's tokens into the env, row by row, up to the device's or the env's
+        stop; tokens of a row uploaded since the burst started are stale. Returns the rows the
+        device froze while their episode still generates (e.g. at a forced window)."""
+        t0 = time.perf_counter()
+        if burst.done is not None:
+            burst.done.synchronize()
+        tok, lp, valid, active = (t.tolist() for t in burst.host)
+        t1 = time.perf_counter()
+        wake = set()
+        for row, s in enumerate(slots):
+            if s.episode is None or self.epoch[row] != burst.epoch[row]:
+                continue
+            ep = env.episodes[s.episode]
+            for j in range(self.burst):
+                if not valid[row][j] or ep.state != GENERATING:
+                    break  # a row the env stopped first decodes on until its upload, into cache it overwrites
+                s.token, s.pos = tok[row][j], s.pos + 1
+                accept(s, s.token, lp[row][j])
+            self._check_room(s)
+            if ep.state == GENERATING and not active[row]:
+                wake.add(row)
+        self.timings["decode_s"] += t1 - t0
+        self.timings["env_s"] += time.perf_counter() - t1
+        return wake
+
+
+@dataclass
+class Burst:
+    """A burst in flight: host copies of its tokens, log-probs, valid flags and the rows still active
+    after it (pinned, filled when `done` fires), and each row's upload count when it started."""
+
+    host: list[torch.Tensor]
+    done: torch.cuda.Event | None
+    epoch: list[int]
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the work queued there (pinned, then an
+    asynchronous copy in stream order)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def _pow2_at_least(n: int) -> int:
