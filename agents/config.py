@@ -76,7 +76,9 @@ class RolloutConfig:
     engine: str = "auto"  # auto | fast | simple
     engine_slots: int = 0  # episodes decoding at once (0: the whole phase of this rank)
     engine_max_len: int = 0  # cache positions per episode (0: longest prompt + response + replies)
-    engine_burst: int = 16  # tokens decoded per device call (one CUDA graph) between looks by the env
+    # tokens decoded per device call (one CUDA graph); the next call runs while the env reads the last,
+    # and a row that stops sits out the call in flight (H100, 0.5B and 3B: 8 beat 16 end to end by 5-18%)
+    engine_burst: int = 8
 
     def __post_init__(self):
         if self.engine not in ("auto", "fast", "simple"):

@@ -356,7 +356,7 @@ class FastEngine:
     Use `run(...)` directly or `run_rollouts(..., engine=engine)`: same arguments, same results
     as the simple path (token for token with greedy decoding)."""
 
-    def __init__(self, model, tokenizer, slots: int, max_len: int, burst: int = 16, bucket: int = 256,
+    def __init__(self, model, tokenizer, slots: int, max_len: int, burst: int = 8, bucket: int = 256,
                  prefill_tokens: int = 16384, use_graphs: bool | None = None, compile: bool = True,
                  extra_eos_ids=()):
         # cache positions rounded up to the bucket: every attention length read is a multiple of it

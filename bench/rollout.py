@@ -142,7 +142,7 @@ def zero3_rollout(model, engine: FastEngine, env, examples, forced, expected: li
 
 
 def run_shape(shape: str, batch: int, prompt: int, new: int, bandwidth: float, tok, hf: bool,
-              profile: bool = False, zero3: bool = False, burst: int = 16) -> dict:
+              profile: bool = False, zero3: bool = False, burst: int = 8) -> dict:
     torch.manual_seed(0)
     model = random_qwen(shape)
     row = {"shape": shape, "batch": batch, "params_M": n_params(model) / 1e6}
@@ -236,7 +236,7 @@ def main() -> None:
     p.add_argument("--check", action="store_true", help="first check graphs against the eager path")
     p.add_argument("--profile", action="store_true", help="print the kernels of a decode burst")
     p.add_argument("--zero3", action="store_true", help="also time the first shape's rollout under DeepSpeed ZeRO-3")
-    p.add_argument("--burst", type=int, default=16, help="decode steps per graph replay")
+    p.add_argument("--burst", type=int, default=8, help="decode steps per graph replay")
     p.add_argument("--tag", default="", help="written to bench/results/rollout_<tag>_<gpu>_<date>.json")
     args = p.parse_args()
     tok = bpe_tokenizer(CORPUS, 500)
