@@ -26,7 +26,7 @@ class ModelConfig:
     # it has no backward) skips the cross-sequence blocks of packed micro-batches (rollout.pack_sequences)
     attn_implementation: str = "auto"
     gradient_checkpointing: bool = False
-    # torch.compile each decoder layer of the actor, critic and reference (1.5B update on an H200: 1.3x);
+    # torch.compile each decoder layer of the actor, critic and reference (1.5B update on an H200: 1.2-1.3x);
     # skipped under ZeRO-3, where it gained nothing
     compile_layers: bool = False
     critic_init: str = "actor"  # actor: critic trunk starts from the policy's weights (the paper)

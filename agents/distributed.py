@@ -239,6 +239,14 @@ def deepspeed_config(name: str, lr: float, weight_decay: float, grad_clip: float
     return cfg
 
 
+def gather_layers_whole(module: nn.Module, config: dict) -> None:
+    """Under ZeRO-3, make each decoder layer a leaf module: its parameters are gathered in one call
+    behind one hook, not one per submodule (1.5B update on an H200: 4.09 -> 2.65 s per step)."""
+    if config["zero_optimization"]["stage"] == 3:
+        from deepspeed.utils import set_z3_leaf_modules
+        set_z3_leaf_modules(module, [type(decoder_layers(module)[0])])
+
+
 class ZeroEngine:
     """A DeepSpeed engine behind PlainEngine's interface.
 
@@ -255,9 +263,7 @@ class ZeroEngine:
         broadcast_module(module, dist_)
         config = deepspeed_config(name, lr, weight_decay, grad_clip, dist_.device.type == "cuda")
         self.stage = config["zero_optimization"]["stage"]
-        if self.stage == 3:  # each decoder layer's parameters are gathered together: one hook, one gather per layer
-            from deepspeed.utils import set_z3_leaf_modules
-            set_z3_leaf_modules(module, [type(decoder_layers(module)[0])])
+        gather_layers_whole(module, config)
         params = [p for p in module.parameters() if p.requires_grad]
         self.model, *_ = deepspeed.initialize(
             model=module, model_parameters=params, config=config,
@@ -352,6 +358,7 @@ def wrap_reference(module: nn.Module, dist_: Dist, deepspeed: str | None) -> nn.
         return module
     import deepspeed as ds
     config = deepspeed_config(deepspeed, 0.0, 0.0, 0.0, dist_.device.type == "cuda", with_optimizer=False)
+    gather_layers_whole(module, config)
     engine, *_ = ds.initialize(model=module, config=config)
     engine.eval()
     return engine

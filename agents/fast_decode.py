@@ -678,7 +678,7 @@ class FastEngine:
             calling = [s for s in slots if s.episode is not None and env.episodes[s.episode].state != GENERATING
                        and not env.episodes[s.episode].done]
             if calling:
-                inserted = env.resolve()
+                inserted = env.resolve()  # every calling episode's call, concurrently
                 for s in calling:
                     jobs.append((slots.index(s), s, [s.token] + inserted.get(s.episode, []), s.pos))
             if not jobs:
