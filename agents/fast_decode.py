@@ -636,7 +636,7 @@ class FastEngine:
         # the env's work overlaps the device's. A row the device froze (a stop string, EOS, its stop
         # count) sits out the burst in flight; the host then settles it and uploads it alone.
         inflight: Burst | None = None
-        wake = set(range(len(slots)))  # rows to upload even if unchanged: all at first (last phase's state)
+        wake = set(range(len(slots)))  # rows to upload even if unchanged: all at first (state left by others)
         while True:
             t0 = time.perf_counter()
             rows = self._settle(slots, env, waiting, keys, windows, temperature, top_p, accept, stats) | wake

@@ -114,6 +114,24 @@ def test_forced_window_buffers_keep_their_address_across_phases():
     assert len(first) >= 2 and {w: t.data_ptr() for w, t in engine.win_buffers.items()} == first
 
 
+def test_a_reused_engine_starts_each_phase_afresh():
+    """The pipeline uploads only rows the host changed, so a phase first uploads every row: rows it
+    leaves idle must not decode on from whatever state other code left (the benchmark's pure-decode
+    timing sets every row active). A second, smaller phase on the same engine equals the simple path's."""
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok))
+    env = make_env(tok, 70)
+    forced = ForcedSchedule.calls_then_answer(tok, "Geo-Expert", [3, 25], 45)
+    engine = FastEngine(model, tok, slots=4, max_len=256, burst=4, bucket=32)
+    run_rollouts(model, env, EXAMPLES, 0.0, 1.0, 0, 0, tok.pad_token_id, forced=forced, engine=engine)
+    engine.active.fill_(True)
+    results = []
+    for use in (None, engine):
+        run_rollouts(model, env, EXAMPLES[:2], 0.0, 1.0, 0, 1, tok.pad_token_id, forced=forced, engine=use)
+        results.append([(e.response_ids, e.inserted, e.end_reason) for e in env.episodes])
+    assert results[0] == results[1]
+
+
 def test_sampled_logprobs_match_a_teacher_forced_forward_and_do_not_depend_on_slots():
     tok = tiny_tokenizer()
     model = tiny_model(len(tok))
