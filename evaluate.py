@@ -12,9 +12,7 @@ import csv
 import io
 import json
 import logging
-import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -27,6 +25,7 @@ from agents.config import apply_override, from_dict
 from agents.routers import LLMRouter, RouterContext, RouterOptions, make_router, parse_router_spec
 from agents.routers.base import Answerer
 from agents.routers.outcomes import OutcomeData, from_calls, from_replay_table
+from envs.data import write_atomic
 from envs.episode import EpisodeConfig
 from rewards import exact_match, extract_answer, f1_score, make_cost_normalizer
 from rewards.metrics import aiq, apgr, bootstrap_ci, cpt, pareto_hull, routing_score, routing_score_bounds, summarize_by
@@ -268,21 +267,8 @@ def curve_metrics(points: list[dict], c_max: float, two: tuple[str, str, float, 
 # ---------------------------------------------------------------------------------------------------
 # Writing results (temp file + rename)
 
-def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_text(path: Path, text: str) -> None:
-    _write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def markdown_table(rows: list[dict], datasets: list[str], curves: dict[str, dict]) -> str:
@@ -328,7 +314,7 @@ def plot_pareto(path: Path, rows: list[dict]) -> None:
     ax.set_ylabel("EM")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    _write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 

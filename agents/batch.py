@@ -9,6 +9,7 @@ from typing import Sequence
 
 import torch
 
+from envs.data import write_atomic
 from envs.episode import Episode
 
 
@@ -52,9 +53,7 @@ class RolloutBatch:
         return sub.map(lambda t: t[:, :width] if t.dim() == 2 else t)
 
     def save(self, path: str | Path) -> None:
-        tmp = Path(str(path) + ".tmp")
-        torch.save({k: v for k, v in dataclasses.asdict(self).items()}, tmp)
-        tmp.replace(path)
+        write_atomic(path, lambda tmp: torch.save(dataclasses.asdict(self), tmp))
 
     @classmethod
     def load(cls, path: str | Path) -> "RolloutBatch":

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
+from envs.data import write_atomic
+
 RESULTS = Path(__file__).parent / "results"
 
 # Qwen2.5 shapes (hidden, layers, heads, kv heads, intermediate, tied embeddings)
@@ -94,9 +96,7 @@ def write_results(kind: str, payload: dict) -> Path:
     path = RESULTS / f"{kind}_{tag}_{date}.json"
     payload = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "torch": torch.__version__, "date": date, **payload}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2)))
     out = os.environ.get("OUT")  # the device tool brings this folder back
     if out:
         Path(out, path.name).write_text(json.dumps(payload, indent=2))

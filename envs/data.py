@@ -13,7 +13,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Protocol, Sequence
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -182,19 +182,30 @@ def load_qa(cfg: QADataConfig) -> list[QAExample]:
     return examples
 
 
-def write_jsonl(path: str | Path, rows: Iterable[Mapping]) -> None:
-    """Write rows as JSON lines to a temp file beside `path`, then rename it over `path`."""
+def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
+    """`write(tmp)` into a temp file beside `path`, then rename it over `path`: a crash leaves the old
+    file (or none), never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
+    return path
+
+
+def write_jsonl(path: str | Path, rows: Iterable[Mapping]) -> None:
+    """Write rows as JSON lines, atomically (`write_atomic`)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_atomic(path, write)
 
 
 # ---------------------------------------------------------------------------------------------------
