@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
+from envs.bpe import byte_level_bpe
 from envs.data import write_atomic
 
 RESULTS = Path(__file__).parent / "results"
@@ -115,12 +116,4 @@ def table(rows: list[dict], columns: list[str]) -> str:
 def bpe_tokenizer(corpus: list[str], vocab_size: int, repeat: int = 5):
     """A small byte-level BPE trained on `corpus` (any text round-trips; ids past its vocabulary
     decode to nothing, as a checkpoint's padded vocabulary slots do), with distinct pad and eos."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|pad|>", "<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus * repeat, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|endoftext|>")
+    return byte_level_bpe(corpus * repeat, vocab_size)
