@@ -422,16 +422,15 @@ class FastEngine:
         self.advance(nxt, self.active, self.tails, self.tok, self.pos, self.count, self.stop_at, self.eos,
                      self.token_codes, self.token_lengths, self.stops)
 
-    def _burst(self, steps: int, kv_len: int, temperature: float, top_p: float) -> None:
-        for j in range(steps):
+    def _burst(self, kv_len: int, temperature: float, top_p: float) -> None:
+        for j in range(self.burst):
             self._step(j, kv_len, temperature, top_p)
 
-    def _decode(self, kv_len: int, temperature: float, top_p: float, steps: int | None = None) -> None:
-        """Decode `steps` (default `burst`) tokens for every active row: one graph replay on GPU."""
-        steps = steps or self.burst
+    def _decode(self, kv_len: int, temperature: float, top_p: float) -> None:
+        """Decode `burst` tokens for every active row: one graph replay on GPU."""
         if not self.use_graphs:
-            return self._burst(steps, kv_len, temperature, top_p)
-        key = (steps, kv_len, temperature, top_p, self.win_tokens.shape[1])
+            return self._burst(kv_len, temperature, top_p)
+        key = (kv_len, temperature, top_p, self.win_tokens.shape[1])
         if key not in self.graphs:
             state = (self.tok, self.pos, self.count, self.active, self.tails)  # what a burst advances
             saved = [t.clone() for t in state]
@@ -447,7 +446,7 @@ class FastEngine:
                 self.choose, self.advance = choose_tokens, advance_rows
                 restore()
                 return True
-            self.graphs[key] = self._capture(lambda: self._burst(steps, kv_len, temperature, top_p),
+            self.graphs[key] = self._capture(lambda: self._burst(kv_len, temperature, top_p),
                                              drop_compiled, "decode step")
             restore()  # the warm-up advanced the rows; the replay below does it for real
         self.graphs[key].replay()

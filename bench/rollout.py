@@ -127,7 +127,7 @@ def zero3_rollout(model, engine: FastEngine, env, examples, forced, expected: li
     zero = ZeroEngine(model, "zero3", 1e-6, 0.0, 1.0, 0, dist_)
     torch.cuda.synchronize()
     t = time.perf_counter()  # the check below is inside the timing: it makes it slightly pessimistic
-    before = [t.clone() for t in (engine.net.embed, engine.net.layers[0].qkv, engine.net.layers[-1].down)]
+    before = [w.clone() for w in (engine.net.embed, engine.net.layers[0].qkv, engine.net.layers[-1].down)]
     with zero.generation() as policy:
         engine.load_weights(policy)
         drift = max(float((a.float() - b.float()).abs().max()) for a, b in
