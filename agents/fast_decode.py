@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from agents import decode_attention
 from agents.rollout import ForcedSchedule, RolloutStats, episode_seed
 from envs.episode import GENERATING, eos_token_ids
 from envs.tags import STOP_STRINGS
@@ -128,13 +129,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def decoder_layer(x, delta, norm1, qkv, qkv_bias, out, norm2, gate_up, down, kc, vc, rows, slots, positions, cos,
-                  sin, hidden_mask, kv_len: int, heads: int, kv_heads: int,
-                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                  sin, hidden_mask, kv_len: int, heads: int, kv_heads: int, eps: float,
+                  fused_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One pre-norm decoder layer on the residual stream x + delta (N, Lq, hidden): fused QKV, RoPE,
     K/V written into the cache rows `rows` at `positions`, grouped-query attention over the first
     `kv_len` cache positions (masked by `hidden_mask`), output projection, fused gate-up SwiGLU MLP;
     residuals in x's dtype. Returns (the stream after attention, the MLP's output): the next layer
-    adds them, in the same kernel as its first norm."""
+    adds them, in the same kernel as its first norm. `fused_attention`: a decode step (every cache
+    row, in order) attends with the Triton split-KV kernel, over each row's filled length."""
     N, Lq, _ = x.shape
     d = cos.shape[-1]
     g = heads // kv_heads
@@ -150,7 +152,10 @@ def decoder_layer(x, delta, norm1, qkv, qkv_bias, out, norm2, gate_up, down, kc,
     keys, values = kc[:, :, :kv_len], vc[:, :, :kv_len]
     if slots is not None:
         keys, values = keys[slots], values[slots]
-    if Lq == 1:  # decode: grouped-query attention read in place, the g query heads of a KV head share its rows
+    if Lq == 1 and fused_attention:
+        attn = decode_attention.decode_attention(q.view(N, heads, d).contiguous(), kc, vc, positions[:, 0], kv_len)
+        attn = attn.view(N, 1, heads * d)
+    elif Lq == 1:  # decode: grouped-query attention read in place, the g query heads of a KV head share its rows
         qg = q.view(N, kv_heads, g, d)
         scores = torch.matmul(qg, keys.transpose(-1, -2)).view(N, kv_heads, g, 1, kv_len)
         scores = (scores.float() * d ** -0.5).masked_fill(hidden_mask, float("-inf"))
@@ -201,9 +206,12 @@ class FastModel:
 
     The model owns copies of the weights (fused QKV and gate-up need new storage anyway, and CUDA
     graphs record addresses): `load_weights` refreshes them in place after each update, e.g. from
-    parameters gathered under ZeRO-3."""
+    parameters gathered under ZeRO-3.
 
-    def __init__(self, model, slots: int, max_len: int):
+    attention: how a decode step attends; "triton" the split-KV kernel of `decode_attention`, "matmul"
+    two batched matmuls over the bucketed cache length, "auto" the kernel on a GPU with Triton."""
+
+    def __init__(self, model, slots: int, max_len: int, attention: str = "auto"):
         cfg = model.config
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -222,6 +230,12 @@ class FastModel:
         cos, sin = trunk.rotary_emb(probe, positions)  # the model's own RoPE table, in its dtype
         self.cos, self.sin = cos[0], sin[0]
         self.compiled_layer = self.compiled_prefill = self.compiled_final = None
+        if attention not in ("auto", "triton", "matmul"):
+            raise ValueError(f"attention must be auto, triton or matmul, got {attention!r}")
+        if attention == "triton" and not decode_attention.available(self.device):
+            raise ValueError(f"attention='triton' needs Triton and a CUDA device, not {self.device}")
+        self.fused_attention = attention == "triton" or (attention == "auto" and self.device.type == "cuda"
+                                                         and decode_attention.available(self.device))
 
     @torch.no_grad()
     def load_weights(self, model) -> None:
@@ -235,11 +249,14 @@ class FastModel:
         for dst, src in zip(mine, theirs):
             dst.copy_(src)
 
-    def compile(self) -> None:
+    def compile(self, autotune: bool = False) -> None:
         """Fuse each layer's small operations with torch.compile (GPU): decode once per cache length,
-        shared by all layers; prefill once with symbolic sizes, since its shapes vary more."""
+        shared by all layers; prefill once with symbolic sizes, since its shapes vary more.
+        `autotune`: the decode layer's matmuls are chosen by timing Triton and cuBLAS kernels
+        (inductor's max-autotune; slower to compile)."""
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # shapes x buckets
-        self.compiled_layer = torch.compile(decoder_layer, dynamic=False)
+        self.compiled_layer = torch.compile(decoder_layer, dynamic=False,
+                                            mode="max-autotune-no-cudagraphs" if autotune else None)
         self.compiled_prefill = torch.compile(decoder_layer, dynamic=True)
         self.compiled_final = torch.compile(final_hidden, dynamic=True)
 
@@ -260,7 +277,8 @@ class FastModel:
         layer = (self.compiled_layer if slots is None else self.compiled_prefill) or decoder_layer
         for w, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
             x, delta = layer(x, delta, w.norm1, w.qkv, w.qkv_bias, w.out, w.norm2, w.gate_up, w.down, kc, vc, rows,
-                             slots, positions, cos, sin, hidden_mask, kv_len, self.heads, self.kv_heads, self.eps)
+                             slots, positions, cos, sin, hidden_mask, kv_len, self.heads, self.kv_heads, self.eps,
+                             self.fused_attention and slots is None)
         return (self.compiled_final or final_hidden)(x, delta, self.final_norm, self.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -358,17 +376,17 @@ class FastEngine:
 
     def __init__(self, model, tokenizer, slots: int, max_len: int, burst: int = 8, bucket: int = 256,
                  prefill_tokens: int = 16384, use_graphs: bool | None = None, compile: bool = True,
-                 extra_eos_ids=()):
+                 extra_eos_ids=(), attention: str = "auto", autotune: bool = False):
         # cache positions rounded up to the bucket: every attention length read is a multiple of it
         # (an unaligned length such as 785 makes the attention matmuls twice as slow); a row may run
         # two bursts past the host's last look at it
-        self.net = FastModel(model, slots, _round_up(max_len + 2 * burst + 1, bucket))
+        self.net = FastModel(model, slots, _round_up(max_len + 2 * burst + 1, bucket), attention)
         self.max_len, self.burst, self.bucket, self.prefill_tokens = max_len, burst, bucket, prefill_tokens
         dev = self.net.device
         self.use_graphs = (dev.type == "cuda") if use_graphs is None else use_graphs
         self.choose, self.advance = choose_tokens, advance_rows
         if self.use_graphs and compile:
-            self.net.compile()
+            self.net.compile(autotune)
             self.choose = torch.compile(choose_tokens, dynamic=False)  # the vocabulary-wide work, fused
             self.advance = torch.compile(advance_rows, dynamic=False)  # a few dozen small kernels, fused
         vocab = self.net.lm_head.shape[0]
@@ -440,9 +458,10 @@ class FastEngine:
                     t.copy_(s)
 
             def drop_compiled() -> bool:
-                if self.net.compiled_layer is None and self.choose is choose_tokens:
+                if self.net.compiled_layer is None and self.choose is choose_tokens and not self.net.fused_attention:
                     return False
                 self.net.compiled_layer, self.net.compiled_final = None, None
+                self.net.fused_attention = False
                 self.choose, self.advance = choose_tokens, advance_rows
                 restore()
                 return True
@@ -453,9 +472,9 @@ class FastEngine:
 
     def _capture(self, work, drop_compiled, what: str) -> torch.cuda.CUDAGraph:
         """`work` captured as a CUDA graph in the engine's shared memory pool, after one warm-up run
-        (which compiles) on a side stream. If compiling fails, `drop_compiled` falls back to eager
-        code (True if it had compiled code to drop) and the warm-up runs again: an inductor failure
-        costs speed, never the run. Counted in `timings` (a shape seen for the first time)."""
+        (which compiles) on a side stream. If compiling fails (inductor, or the Triton attention kernel),
+        `drop_compiled` falls back to eager PyTorch (True if it had compiled code to drop) and the
+        warm-up runs again: a compiler failure costs speed, never the run. Counted in `timings` (a shape seen for the first time)."""
         t0 = time.perf_counter()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -465,7 +484,7 @@ class FastEngine:
             except Exception as e:
                 if not drop_compiled():
                     raise
-                log.warning("torch.compile of the %s failed (%s); running it eagerly in CUDA graphs", what,
+                log.warning("compiling the %s failed (%s); running it in eager PyTorch in CUDA graphs", what,
                             str(e).splitlines()[0] if str(e) else type(e).__name__)
                 work()
         torch.cuda.current_stream().wait_stream(stream)

@@ -142,7 +142,8 @@ def zero3_rollout(model, engine: FastEngine, env, examples, forced, expected: li
 
 
 def run_shape(shape: str, batch: int, prompt: int, new: int, bandwidth: float, tok, hf: bool,
-              profile: bool = False, zero3: bool = False, burst: int = 8) -> dict:
+              profile: bool = False, zero3: bool = False, burst: int = 8, attention: str = "auto",
+              autotune: bool = False) -> dict:
     torch.manual_seed(0)
     model = random_qwen(shape)
     row = {"shape": shape, "batch": batch, "params_M": n_params(model) / 1e6}
@@ -156,7 +157,8 @@ def run_shape(shape: str, batch: int, prompt: int, new: int, bandwidth: float, t
     # pure decode: one CUDA graph per burst, all rows active
     env = make_env(tok, new)
     torch.cuda.reset_peak_memory_stats()
-    engine = FastEngine(model, tok, slots=batch, max_len=prompt + new + 256, burst=burst)
+    engine = FastEngine(model, tok, slots=batch, max_len=prompt + new + 256, burst=burst, attention=attention,
+                        autotune=autotune)
     sec = pure_decode(engine, batch, prompt, new)
     row.update(decode_ms=sec * 1e3, decode_tok_s=batch / sec, decode_pct_limit=100 * batch / sec / limit)
     if profile:
@@ -237,6 +239,9 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="print the kernels of a decode burst")
     p.add_argument("--zero3", action="store_true", help="also time the first shape's rollout under DeepSpeed ZeRO-3")
     p.add_argument("--burst", type=int, default=8, help="decode steps per graph replay")
+    p.add_argument("--attention", default="auto", choices=("auto", "triton", "matmul"),
+                   help="the decode step's attention (FastEngine's `attention`)")
+    p.add_argument("--autotune", action="store_true", help="time Triton and cuBLAS kernels for the decode matmuls")
     p.add_argument("--tag", default="", help="written to bench/results/rollout_<tag>_<gpu>_<date>.json")
     args = p.parse_args()
     tok = bpe_tokenizer(CORPUS, 500)
@@ -250,7 +255,7 @@ def main() -> None:
     for n, item in enumerate(items):
         shape, batch = item.split(":")
         rows.append(run_shape(shape, int(batch), args.prompt, args.new, bandwidth, tok, not args.no_hf, args.profile,
-                              args.zero3 and n == 0, args.burst))
+                              args.zero3 and n == 0, args.burst, args.attention, args.autotune))
         print(rows[-1], flush=True)
     cols = ["shape", "batch", "limit_tok_s", "hf_default_tok_s", "hf_static_tok_s", "decode_ms", "decode_tok_s",
             "decode_pct_limit", "e2e_tok_s", "e2e_pct_limit", "e2e_decode_ms", "e2e_occupancy", "e2e_captures",
@@ -258,7 +263,8 @@ def main() -> None:
             "logp_mismatch_mean", "logp_mismatch_p99", "zero3_vs_plain"]
     print(table(rows, cols))
     path = write_results("_".join(filter(None, ["rollout", args.tag])),
-                         {"check": check, "burst": args.burst, "copy_bandwidth_Bps": bandwidth,
+                         {"check": check, "burst": args.burst, "attention": args.attention, "autotune": args.autotune,
+                          "copy_bandwidth_Bps": bandwidth,
                           "prompt": args.prompt, "new": args.new, "rows": rows})
     print(f"wrote {path}")
 

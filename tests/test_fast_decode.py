@@ -8,6 +8,7 @@ import torch
 from tiny import tiny_tokenizer
 from transformers import AutoModelForCausalLM, Qwen2Config
 
+from agents import decode_attention
 from agents.fast_decode import FastEngine, choose_tokens, invert_cdf, keyed_uniform
 from agents.policy import build_critic, chunked_sequence_logprobs, compile_layers, sequence_logprobs, sequence_values
 from agents.rollout import ForcedSchedule, run_rollouts
@@ -20,9 +21,9 @@ QUESTIONS = ("Where is Korvan?", "Who is he?", "A much longer question about the
 EXAMPLES = [{"question": q, "golden_answers": ["x"]} for q in QUESTIONS]
 
 
-def tiny_model(vocab: int):
+def tiny_model(vocab: int, hidden: int = 32):
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, intermediate_size=64, initializer_range=0.5)
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
 
@@ -33,13 +34,14 @@ def make_env(tok, max_tokens):
     return MultiRouteVectorEnv(tok, pool, EpisodeConfig(max_response_tokens=max_tokens, prompt_template="compact"))
 
 
-def both_paths(forced, temperature=0.0, max_tokens=40, slots=2):
+def both_paths(forced, temperature=0.0, max_tokens=40, slots=2, hidden=32, attention="auto"):
     tok = tiny_tokenizer()
-    model = tiny_model(len(tok))
+    model = tiny_model(len(tok), hidden)
     env = make_env(tok, max_tokens)
     ref_lp, _ = run_rollouts(model, env, EXAMPLES, temperature, 1.0, 0, 0, tok.pad_token_id, forced=forced)
     ref = [(e.response_ids, e.inserted, e.end_reason, len(e.calls)) for e in env.episodes]
-    engine = FastEngine(model, tok, slots=slots, max_len=256, burst=4, bucket=32)
+    engine = FastEngine(model, tok, slots=slots, max_len=256, burst=4, bucket=32, attention=attention)
+    assert engine.net.fused_attention == (attention == "triton")
     lp, _ = run_rollouts(model, env, EXAMPLES, temperature, 1.0, 0, 0, tok.pad_token_id, forced=forced, engine=engine)
     got = [(e.response_ids, e.inserted, e.end_reason, len(e.calls)) for e in env.episodes]
     return ref, got, ref_lp, lp, tok, model, env
@@ -52,10 +54,29 @@ def test_greedy_episodes_and_logprobs_equal_the_simple_path():
         assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)
 
 
+@pytest.fixture
+def interpreted_triton():
+    """agents.decode_attention, its Triton kernel run by Triton's CPU interpreter (conftest.py)."""
+    pytest.importorskip("triton")
+    if not decode_attention.available(torch.device("cpu")):
+        pytest.skip("needs TRITON_INTERPRET=1 set before Triton is imported")
+    return decode_attention
+
+
 def test_multi_turn_with_inserted_replies_and_refilled_slots_equals_the_simple_path():
     tok = tiny_tokenizer()
     forced = ForcedSchedule.calls_then_answer(tok, "Geo-Expert", [3, 25], 45)
     ref, got, ref_lp, lp, *_ = both_paths(forced, max_tokens=70, slots=2)  # 5 episodes through 2 slots
+    assert got == ref
+    assert sum(r[3] for r in got) >= 5 and all(any(r[1]) for r in got)  # calls made, replies inserted
+    for a, b in zip(ref_lp, lp):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)
+
+
+def test_the_triton_attention_kernel_gives_the_simple_paths_episodes(interpreted_triton):
+    tok = tiny_tokenizer()
+    forced = ForcedSchedule.calls_then_answer(tok, "Geo-Expert", [3, 12], 20)
+    ref, got, ref_lp, lp, *_ = both_paths(forced, max_tokens=30, slots=2, hidden=64, attention="triton")
     assert got == ref
     assert sum(r[3] for r in got) >= 5 and all(any(r[1]) for r in got)  # calls made, replies inserted
     for a, b in zip(ref_lp, lp):
@@ -180,6 +201,24 @@ def test_blockwise_cdf_inversion_equals_one_cumsum_over_the_row(vocab, block):
     expected = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True).squeeze(-1)
     assert torch.equal(invert_cdf(probs, u, block), expected)
     assert bool((probs.gather(-1, expected[:, None]) > 0).all())
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(14, 2, 64), (16, 2, 128), (4, 4, 16)])
+def test_split_kv_attention_kernel_equals_softmax_attention_over_each_rows_length(interpreted_triton, heads,
+                                                                                  kv_heads, dim):
+    g = torch.Generator().manual_seed(heads)
+    q = torch.randn(5, heads, dim, generator=g)
+    k_cache, v_cache = (torch.randn(5, kv_heads, 300, dim, generator=g) for _ in range(2))
+    positions = torch.tensor([0, 17, 63, 64, 290])  # the last row is cut at kv_len
+    group = heads // kv_heads
+    for kv_len, splits in [(256, 1), (256, 3), (300, None), (128, 2)]:
+        got = interpreted_triton.decode_attention(q, k_cache, v_cache, positions, kv_len, splits=splits)
+        for n in range(5):
+            length = min(int(positions[n]) + 1, kv_len)
+            k = k_cache[n, :, :length].repeat_interleave(group, 0)  # query head j reads KV head j // group
+            v = v_cache[n, :, :length].repeat_interleave(group, 0)
+            expected = torch.softmax(q[n, :, None] @ k.transpose(-1, -2) * dim ** -0.5, -1) @ v
+            torch.testing.assert_close(got[n], expected[:, 0], atol=1e-5, rtol=1e-5)
 
 
 def test_keyed_uniform_is_uniform_and_keyed():

@@ -1,0 +1,103 @@
+"""Grouped-query attention for one decode step as a Triton kernel (split-KV, "flash-decoding"):
+each program reads one KV head's keys and values of one row once, over a slice of that row's
+filled length only, for all the query heads that share them; a few torch ops merge the slices.
+
+The matmul path it replaces (`decoder_layer`'s Lq == 1 branch) reads the whole bucketed cache
+length twice (scores, then values) and writes the scores out between. On CPU, or without Triton,
+that path runs instead."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs: the matmul path runs
+    triton = None
+
+
+def available(device: torch.device) -> bool:
+    """Whether the kernel can run on `device`: a CUDA GPU with Triton, or any device under Triton's
+    CPU interpreter (TRITON_INTERPRET=1 before Triton is imported; the tests set it)."""
+    return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+if triton is not None:
+    @triton.jit
+    def _split_kv_attention(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, max_ptr, sum_ptr,
+                            stride_qn, stride_qh, stride_kn, stride_kh, stride_kt, stride_vn, stride_vh, stride_vt,
+                            kv_len, chunk, splits, scale,
+                            GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                            IEEE: tl.constexpr):
+        """Program (row n, KV head h, split s): softmax attention of the GROUP query heads of h over
+        keys [s * chunk, min((s + 1) * chunk, length)), length = min(pos[n] + 1, kv_len). Writes the
+        unnormalised output, the running max and the sum of exponentials (all float32)."""
+        n, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        length = tl.minimum(tl.load(pos_ptr + n) + 1, kv_len)
+        start = s * chunk
+        end = tl.minimum(start + chunk, length)
+        g, d, t = tl.arange(0, GROUP_PAD), tl.arange(0, D), tl.arange(0, BLOCK)
+        heads = h * GROUP + g
+        q = tl.load(q_ptr + n * stride_qn + heads[:, None] * stride_qh + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
+        k_row, v_row = k_ptr + n * stride_kn + h * stride_kh, v_ptr + n * stride_vn + h * stride_vh
+        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, D], tl.float32)
+        for b in range(start, end, BLOCK):
+            idx = b + t
+            valid = idx < end
+            k = tl.load(k_row + idx[:, None] * stride_kt + d[None, :], mask=valid[:, None], other=0.0)
+            if IEEE:
+                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                scores = tl.dot(q, tl.trans(k))
+            scores = tl.where(valid[None, :], scores * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(scores - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_row + idx[:, None] * stride_vt + d[None, :], mask=valid[:, None], other=0.0)
+            if IEEE:
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        at = (n * tl.num_programs(1) * GROUP + heads) * splits + s  # (N, heads, splits) order
+        keep = g < GROUP
+        tl.store(out_ptr + at[:, None] * D + d[None, :], acc, mask=keep[:, None])
+        tl.store(max_ptr + at, m_i, mask=keep)
+        tl.store(sum_ptr + at, l_i, mask=keep)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
+                     kv_len: int, splits: int | None = None, block: int = 64) -> torch.Tensor:
+    """softmax(q K^T / sqrt(d)) V for one query per row, over cache positions <= the row's position
+    among the first `kv_len`. q (N, heads, d); caches (N, kv_heads, T, d), read in place (query head
+    j uses KV head j // (heads / kv_heads), as transformers' repeat_kv); positions (N,).
+    Returns (N, heads, d) in q's dtype."""
+    N, heads, D = q.shape
+    kv_heads = k_cache.shape[1]
+    group = heads // kv_heads
+    if splits is None:  # about two programs per SM, each over at least one block
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        splits = max(1, min(math.ceil(kv_len / block), math.ceil(2 * sms / (N * kv_heads))))
+    chunk = math.ceil(math.ceil(kv_len / splits) / block) * block
+    out = torch.empty(N, heads, splits, D, device=q.device, dtype=torch.float32)
+    row_max = torch.empty(N, heads, splits, device=q.device, dtype=torch.float32)
+    row_sum = torch.empty(N, heads, splits, device=q.device, dtype=torch.float32)
+    _split_kv_attention[(N, kv_heads, splits)](
+        q, k_cache, v_cache, positions, out, row_max, row_sum,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        kv_len, chunk, splits, D ** -0.5,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D, BLOCK=block,
+        IEEE=q.dtype == torch.float32)
+    # merge the splits: each weighted by exp(its max - the overall max); empty splits weigh 0
+    top = row_max.amax(-1, keepdim=True)
+    w = torch.exp(row_max - top)
+    return ((out * w[..., None]).sum(2) / (row_sum * w).sum(-1)[..., None]).to(q.dtype)
