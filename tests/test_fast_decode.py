@@ -10,7 +10,13 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 from agents import decode_attention
 from agents.fast_decode import FastEngine, choose_tokens, invert_cdf, keyed_uniform
-from agents.policy import build_critic, chunked_sequence_logprobs, compile_layers, sequence_logprobs, sequence_values
+from agents.policy import (
+    build_critic,
+    chunked_sequence_logprobs,
+    compile_layers,
+    sequence_logprobs,
+    sequence_values,
+)
 from agents.rollout import ForcedSchedule, run_rollouts
 from envs.candidates import CandidatePool, CandidateSpec
 from envs.candidates.simulated import SimulatedBackend
