@@ -30,8 +30,8 @@ if triton is not None:
     @triton.jit
     def _split_kv_attention(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, max_ptr, sum_ptr,
                             stride_qn, stride_qh, stride_kn, stride_kh, stride_kt, stride_vn, stride_vh, stride_vt,
-                            kv_len, chunk, splits, scale,
-                            GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+                            kv_len, chunk, splits,
+                            SCALE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
                             IEEE: tl.constexpr):
         """Program (row n, KV head h, split s): softmax attention of the GROUP query heads of h over
         keys [s * chunk, min((s + 1) * chunk, length)), length = min(pos[n] + 1, kv_len). Writes the
@@ -55,7 +55,7 @@ if triton is not None:
                 scores = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
                 scores = tl.dot(q, tl.trans(k))
-            scores = tl.where(valid[None, :], scores * scale, float("-inf"))
+            scores = tl.where(valid[None, :], scores * SCALE, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, 1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(scores - m_new[:, None])
@@ -94,8 +94,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, positions, out, row_max, row_sum,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        kv_len, chunk, splits, D ** -0.5,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D, BLOCK=block,
+        kv_len, chunk, splits,
+        SCALE=D ** -0.5, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D, BLOCK=block,
         IEEE=q.dtype == torch.float32)
     # merge the splits: each weighted by exp(its max - the overall max); empty splits weigh 0
     top = row_max.amax(-1, keepdim=True)
