@@ -1,6 +1,6 @@
 """Grouped-query attention for one decode step as a Triton kernel (split-KV, "flash-decoding"):
 each program reads one KV head's keys and values of one row once, over a slice of that row's
-filled length only, for all the query heads that share them; a few torch ops merge the slices.
+filled length only, for all the query heads that share them; a second kernel merges the slices.
 
 The matmul path it replaces (`decoder_layer`'s Lq == 1 branch) reads the whole bucketed cache
 length twice (scores, then values) and writes the scores out between. On CPU, or without Triton,
@@ -28,25 +28,26 @@ def available(device: torch.device) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _split_kv_attention(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, max_ptr, sum_ptr,
+    def _split_kv_attention(q_ptr, k_ptr, v_ptr, pos_ptr, dst_ptr, part_ptr, max_ptr, sum_ptr,
                             stride_qn, stride_qh, stride_kn, stride_kh, stride_kt, stride_vn, stride_vh, stride_vt,
-                            kv_len, chunk, splits,
-                            SCALE: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
-                            IEEE: tl.constexpr):
+                            kv_len, chunk, SPLITS: tl.constexpr, SCALE: tl.constexpr, GROUP: tl.constexpr,
+                            GROUP_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr):
         """Program (row n, KV head h, split s): softmax attention of the GROUP query heads of h over
-        keys [s * chunk, min((s + 1) * chunk, length)), length = min(pos[n] + 1, kv_len). Writes the
-        unnormalised output, the running max and the sum of exponentials (all float32)."""
+        keys [s * chunk, min((s + 1) * chunk, length)), length = min(pos[n] + 1, kv_len), online
+        (running max and sum of exponentials, float32). One split writes the output; several write
+        their unnormalised outputs, maxima and sums for `_merge_splits`."""
         n, h, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         length = tl.minimum(tl.load(pos_ptr + n) + 1, kv_len)
         start = s * chunk
         end = tl.minimum(start + chunk, length)
         g, d, t = tl.arange(0, GROUP_PAD), tl.arange(0, D), tl.arange(0, BLOCK)
         heads = h * GROUP + g
-        q = tl.load(q_ptr + n * stride_qn + heads[:, None] * stride_qh + d[None, :], mask=(g < GROUP)[:, None], other=0.0)
+        keep = g < GROUP
+        q = tl.load(q_ptr + n * stride_qn + heads[:, None] * stride_qh + d[None, :], mask=keep[:, None], other=0.0)
         k_row, v_row = k_ptr + n * stride_kn + h * stride_kh, v_ptr + n * stride_vn + h * stride_vh
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, D], tl.float32)
+        l_i = tl.full([GROUP_PAD], 0.0, tl.float32)
+        acc = tl.full([GROUP_PAD, D], 0.0, tl.float32)
         for b in range(start, end, BLOCK):
             idx = b + t
             valid = idx < end
@@ -67,11 +68,34 @@ if triton is not None:
                 pv = tl.dot(p.to(v.dtype), v)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
-        at = (n * tl.num_programs(1) * GROUP + heads) * splits + s  # (N, heads, splits) order
-        keep = g < GROUP
-        tl.store(out_ptr + at[:, None] * D + d[None, :], acc, mask=keep[:, None])
-        tl.store(max_ptr + at, m_i, mask=keep)
-        tl.store(sum_ptr + at, l_i, mask=keep)
+        row_head = n * tl.num_programs(1) * GROUP + heads  # (N, heads) order
+        if SPLITS == 1:
+            out = acc / l_i[:, None]
+            tl.store(dst_ptr + row_head[:, None] * D + d[None, :], out.to(dst_ptr.dtype.element_ty), mask=keep[:, None])
+        else:
+            at = row_head * SPLITS + s
+            tl.store(part_ptr + at[:, None] * D + d[None, :], acc, mask=keep[:, None])
+            tl.store(max_ptr + at, m_i, mask=keep)
+            tl.store(sum_ptr + at, l_i, mask=keep)
+
+    @triton.jit
+    def _merge_splits(part_ptr, max_ptr, sum_ptr, dst_ptr, SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                      D: tl.constexpr):
+        """Program (row, head): the splits' outputs, each weighted by exp(its max - the overall max)
+        (an empty split weighs 0), over the weighted sum of exponentials."""
+        i = tl.program_id(0)
+        s, d = tl.arange(0, SPLITS_PAD), tl.arange(0, D)
+        real = s < SPLITS
+        m = tl.load(max_ptr + i * SPLITS + s, mask=real, other=float("-inf"))
+        w = tl.exp(m - tl.max(m, 0))
+        total = tl.sum(tl.load(sum_ptr + i * SPLITS + s, mask=real, other=0.0) * w, 0)
+        part = tl.load(part_ptr + (i * SPLITS + s)[:, None] * D + d[None, :], mask=real[:, None], other=0.0)
+        tl.store(dst_ptr + i * D + d, (tl.sum(part * w[:, None], 0) / total).to(dst_ptr.dtype.element_ty))
+
+
+def supports(head_dim: int) -> bool:
+    """Whether the kernel handles this head size (a power of two from 16 to 256)."""
+    return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
@@ -79,25 +103,26 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """softmax(q K^T / sqrt(d)) V for one query per row, over cache positions <= the row's position
     among the first `kv_len`. q (N, heads, d); caches (N, kv_heads, T, d), read in place (query head
     j uses KV head j // (heads / kv_heads), as transformers' repeat_kv); positions (N,).
-    Returns (N, heads, d) in q's dtype."""
+    Returns (N, heads, d) in q's dtype. `splits` (default: about four programs per SM) cuts each
+    row's keys into that many slices read in parallel."""
     N, heads, D = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
-    if splits is None:  # about two programs per SM, each over at least one block
+    if splits is None:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-        splits = max(1, min(math.ceil(kv_len / block), math.ceil(2 * sms / (N * kv_heads))))
+        splits = max(1, min(math.ceil(kv_len / block), math.ceil(4 * sms / (N * kv_heads))))
     chunk = math.ceil(math.ceil(kv_len / splits) / block) * block
-    out = torch.empty(N, heads, splits, D, device=q.device, dtype=torch.float32)
+    dst = torch.empty(N, heads, D, device=q.device, dtype=q.dtype)
+    part = torch.empty(N, heads, splits, D, device=q.device, dtype=torch.float32) if splits > 1 else dst
     row_max = torch.empty(N, heads, splits, device=q.device, dtype=torch.float32)
     row_sum = torch.empty(N, heads, splits, device=q.device, dtype=torch.float32)
     _split_kv_attention[(N, kv_heads, splits)](
-        q, k_cache, v_cache, positions, out, row_max, row_sum,
+        q, k_cache, v_cache, positions, dst, part, row_max, row_sum,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        kv_len, chunk, splits,
-        SCALE=D ** -0.5, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D, BLOCK=block,
-        IEEE=q.dtype == torch.float32)
-    # merge the splits: each weighted by exp(its max - the overall max); empty splits weigh 0
-    top = row_max.amax(-1, keepdim=True)
-    w = torch.exp(row_max - top)
-    return ((out * w[..., None]).sum(2) / (row_sum * w).sum(-1)[..., None]).to(q.dtype)
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), kv_len, chunk,
+        SPLITS=splits, SCALE=D ** -0.5, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D,
+        BLOCK=block, IEEE=q.dtype == torch.float32)
+    if splits > 1:
+        _merge_splits[(N * heads,)](part, row_max, row_sum, dst, SPLITS=splits,
+                                    SPLITS_PAD=triton.next_power_of_2(splits), D=D)
+    return dst

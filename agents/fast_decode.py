@@ -139,7 +139,6 @@ def decoder_layer(x, delta, norm1, qkv, qkv_bias, out, norm2, gate_up, down, kc,
     row, in order) attends with the Triton split-KV kernel, over each row's filled length."""
     N, Lq, _ = x.shape
     d = cos.shape[-1]
-    g = heads // kv_heads
     x = x + delta
     h = rms_norm(x, norm1, eps)
     q, k, v = F.linear(h, qkv, qkv_bias).split([heads * d, kv_heads * d, kv_heads * d], -1)
@@ -155,12 +154,8 @@ def decoder_layer(x, delta, norm1, qkv, qkv_bias, out, norm2, gate_up, down, kc,
     if Lq == 1 and fused_attention:
         attn = decode_attention.decode_attention(q.view(N, heads, d).contiguous(), kc, vc, positions[:, 0], kv_len)
         attn = attn.view(N, 1, heads * d)
-    elif Lq == 1:  # decode: grouped-query attention read in place, the g query heads of a KV head share its rows
-        qg = q.view(N, kv_heads, g, d)
-        scores = torch.matmul(qg, keys.transpose(-1, -2)).view(N, kv_heads, g, 1, kv_len)
-        scores = (scores.float() * d ** -0.5).masked_fill(hidden_mask, float("-inf"))
-        probs = torch.softmax(scores, -1).to(x.dtype).view(N, kv_heads, g, kv_len)
-        attn = torch.matmul(probs, values).view(N, 1, heads * d)
+    elif Lq == 1:
+        attn = matmul_decode_attention(q, keys, values, hidden_mask).view(N, 1, heads * d)
     else:  # prefill: the fused SDPA kernel
         attn = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=~hidden_mask[:, :, 0],
                                               enable_gqa=True)
@@ -168,6 +163,20 @@ def decoder_layer(x, delta, norm1, qkv, qkv_bias, out, norm2, gate_up, down, kc,
     x = x + F.linear(attn, out)
     gate, up = F.linear(rms_norm(x, norm2, eps), gate_up).chunk(2, -1)
     return x, F.linear(F.silu(gate) * up, down)
+
+
+def matmul_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                            hidden_mask: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention of one query per row, q (N, 1, heads, d), over keys and values
+    (N, kv_heads, kv_len, d) read in place: the query heads of a KV head share its rows in two
+    batched matmuls. hidden_mask (N, 1, 1, 1, kv_len) hides positions. Returns (N, heads, d)."""
+    N, _, heads, d = q.shape
+    kv_heads, kv_len = keys.shape[1], keys.shape[2]
+    g = heads // kv_heads
+    scores = torch.matmul(q.view(N, kv_heads, g, d), keys.transpose(-1, -2)).view(N, kv_heads, g, 1, kv_len)
+    scores = (scores.float() * d ** -0.5).masked_fill(hidden_mask, float("-inf"))
+    probs = torch.softmax(scores, -1).to(q.dtype).view(N, kv_heads, g, kv_len)
+    return torch.matmul(probs, values).view(N, heads, d)
 
 
 def final_hidden(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -232,10 +241,11 @@ class FastModel:
         self.compiled_layer = self.compiled_prefill = self.compiled_final = None
         if attention not in ("auto", "triton", "matmul"):
             raise ValueError(f"attention must be auto, triton or matmul, got {attention!r}")
-        if attention == "triton" and not decode_attention.available(self.device):
-            raise ValueError(f"attention='triton' needs Triton and a CUDA device, not {self.device}")
-        self.fused_attention = attention == "triton" or (attention == "auto" and self.device.type == "cuda"
-                                                         and decode_attention.available(self.device))
+        runs = decode_attention.available(self.device) and decode_attention.supports(self.head_dim)
+        if attention == "triton" and not runs:
+            raise ValueError(f"attention='triton' needs Triton, a CUDA device (not {self.device}) and a power-of-two "
+                             f"head size from 16 to 256 (not {self.head_dim})")
+        self.fused_attention = attention == "triton" or (attention == "auto" and self.device.type == "cuda" and runs)
 
     @torch.no_grad()
     def load_weights(self, model) -> None:
@@ -328,14 +338,17 @@ def extend_tails(tails: torch.Tensor, token_codes: torch.Tensor, token_lengths: 
     return new, hit
 
 
-def forced_windows(forced: ForcedSchedule | None) -> list[tuple[int, list[int]]]:
-    """The forced chunks in the order `run_rollouts` writes them: a chunk starting inside an earlier
-    chunk's tokens is never used."""
+def forced_windows(forced: ForcedSchedule | None, tokenizer) -> list[tuple[int, list[int], bool]]:
+    """The forced chunks in the order `run_rollouts` writes them (a chunk starting inside an earlier
+    chunk's tokens is never used), each with whether its text holds a stop string (then the device
+    freezes the row by the chunk's end at the latest)."""
     windows, end = [], 0
     for start in sorted(forced.chunks if forced else {}):
-        if start >= end and forced.chunks[start]:
-            windows.append((start, list(forced.chunks[start])))
-            end = start + len(forced.chunks[start])
+        chunk = list(forced.chunks[start])
+        if start >= end and chunk:
+            text = tokenizer.decode(chunk, skip_special_tokens=False)
+            windows.append((start, chunk, any(stop in text for stop in STOP_STRINGS)))
+            end = start + len(chunk)
     return windows
 
 
@@ -382,6 +395,7 @@ class FastEngine:
         # two bursts past the host's last look at it
         self.net = FastModel(model, slots, _round_up(max_len + 2 * burst + 1, bucket), attention)
         self.max_len, self.burst, self.bucket, self.prefill_tokens = max_len, burst, bucket, prefill_tokens
+        self.tokenizer = tokenizer
         dev = self.net.device
         self.use_graphs = (dev.type == "cuda") if use_graphs is None else use_graphs
         self.choose, self.advance = choose_tokens, advance_rows
@@ -405,6 +419,7 @@ class FastEngine:
         self.win_buffers = {1: torch.zeros(B, 1, dtype=torch.long, device=dev)}  # forced windows, by width
         self.win_tokens = self.win_buffers[1]
         self.row_windows: list[list[int]] = [[] for _ in range(B)]  # each row's forced chunk, as last uploaded
+        self.row_stops = [0] * B  # each row's stop count, as last uploaded
         self.epoch = [0] * B  # uploads per row: a burst's tokens count only for the upload they ran under
         self.out_tok = torch.zeros(B, burst, dtype=torch.long, device=dev)
         self.out_lp = torch.zeros(B, burst, dtype=torch.float, device=dev)
@@ -416,9 +431,10 @@ class FastEngine:
         # wall time of each part of `run` (prefill: settling slots, calls and prefill included; upload:
         # host state to the device and launching a burst; decode: waiting for a burst's tokens; env:
         # pushing them; capture: graphs of new shapes, inside prefill or upload), the decode steps
-        # run, plain and times their cache length, and the graphs captured
+        # run, plain and times their cache length, the bursts in which no row decoded, and the graphs
+        # captured
         self.timings = dict.fromkeys(("prefill_s", "upload_s", "decode_s", "env_s", "capture_s", "decode_steps",
-                                      "decode_kv_steps", "captures"), 0.0)
+                                      "decode_kv_steps", "idle_bursts", "captures"), 0.0)
 
     def load_weights(self, model) -> None:
         """Refresh the engine's weights from `model` (the same architecture), e.g. after an update."""
@@ -517,8 +533,9 @@ class FastEngine:
             running = ep is not None and ep.state == GENERATING
             count = ep.policy_tokens if ep is not None else 0
             start, chunk, stop = _window_at(windows, count)
+            self.row_stops[r] = min(limit, stop)
             values.append([s.token, s.pos if ep is not None else self.net.scratch - self.burst, count, running,
-                           min(limit, stop), keys[s.episode] if ep is not None else 0, start, len(chunk)])
+                           self.row_stops[r], keys[s.episode] if ep is not None else 0, start, len(chunk)])
             self.row_windows[r] = chunk
             self.epoch[r] += 1
         table = _padded_windows(self.row_windows)
@@ -638,7 +655,7 @@ class FastEngine:
         self.timings = dict.fromkeys(self.timings, 0.0)
         n = len(examples)
         keys = [episode_seed(seed, step, index_offset + i) for i in range(n)]
-        windows = forced_windows(forced)
+        windows = forced_windows(forced, self.tokenizer)
         logps: list[list[float]] = [[] for _ in range(n)]
         stats = RolloutStats()
         waiting = deque(range(n))
@@ -662,10 +679,12 @@ class FastEngine:
             t1 = time.perf_counter()
             if rows:
                 self._upload(sorted(rows), slots, env, keys, windows)
-            running = [s for s in slots if s.episode is not None and env.episodes[s.episode].state == GENERATING]
+            running = [r for r, s in enumerate(slots)
+                       if s.episode is not None and env.episodes[s.episode].state == GENERATING]
             launched = None
-            if running:  # a row may be one unread burst ahead of the host's view: room for two
-                launched = self._launch(self.cache_len(max(s.pos for s in running) + 2 * self.burst + 1),
+            if running and (inflight is None or self._may_decode(running, rows, slots, env)):
+                # a row may be one unread burst ahead of the host's view: room for two
+                launched = self._launch(self.cache_len(max(slots[r].pos for r in running) + 2 * self.burst + 1),
                                         temperature, top_p)
             t2 = time.perf_counter()
             self.timings["prefill_s"] += t1 - t0
@@ -676,6 +695,14 @@ class FastEngine:
                 break
             inflight = launched
         return logps, stats
+
+    def _may_decode(self, running: list[int], uploaded: set[int], slots: list[Slot], env) -> bool:
+        """Whether a burst launched now, behind the one in flight, can decode a token: some running
+        row stays below its stop count after the burst in flight (a row uploaded just now starts from
+        the host's count; another may run that burst whole). A burst in which every row is frozen
+        (e.g. all at a call) would only delay the host's next look."""
+        return any(env.episodes[slots[r].episode].policy_tokens + (0 if r in uploaded else self.burst) < self.row_stops[r]
+                   for r in running)
 
     def _settle(self, slots: list[Slot], env, waiting: deque, keys, windows, temperature: float, top_p: float,
                 accept, stats: RolloutStats) -> set[int]:
@@ -718,6 +745,7 @@ class FastEngine:
             burst.done.synchronize()
         tok, lp, valid, active = (t.tolist() for t in burst.host)
         t1 = time.perf_counter()
+        self.timings["idle_bursts"] += not any(map(any, valid))
         wake = set()
         for row, s in enumerate(slots):
             if s.episode is None or self.epoch[row] != burst.epoch[row]:
@@ -772,11 +800,12 @@ def _padded_windows(chunks: list[list[int]]) -> list[list[int]]:
     return [c + [0] * (width - len(c)) for c in chunks]
 
 
-def _window_at(windows: list[tuple[int, list[int]]], count: int) -> tuple[int, list[int], int]:
+def _window_at(windows: list[tuple[int, list[int], bool]], count: int) -> tuple[int, list[int], int]:
     """The forced window in force at token index `count` (or the next one), and the count at which
-    the device must stop so the host can load the window after it."""
-    for k, (start, chunk) in enumerate(windows):
+    the device stops: the window's end if its stop string freezes the row there anyway (so the host
+    knows), else where the host must load the window after it."""
+    for k, (start, chunk, closes) in enumerate(windows):
         if start + len(chunk) > count:
-            stop = windows[k + 1][0] if k + 1 < len(windows) else _NEVER
+            stop = start + len(chunk) if closes else windows[k + 1][0] if k + 1 < len(windows) else _NEVER
             return start, chunk, stop
     return _NEVER, [], _NEVER

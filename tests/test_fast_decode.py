@@ -79,6 +79,19 @@ def test_multi_turn_with_inserted_replies_and_refilled_slots_equals_the_simple_p
         assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)
 
 
+@pytest.mark.parametrize("slots", [2, 5])
+def test_no_burst_is_launched_while_every_row_is_frozen_at_a_call(slots):
+    """Forced calls freeze the rows at known counts: the host launches no burst behind the one in
+    flight that could not decode a token (5 slots: every row calls at once)."""
+    tok = tiny_tokenizer()
+    model, env = tiny_model(len(tok)), make_env(tok, 70)
+    forced = ForcedSchedule.calls_then_answer(tok, "Geo-Expert", [3, 25], 45)
+    engine = FastEngine(model, tok, slots=slots, max_len=256, burst=4, bucket=32)
+    run_rollouts(model, env, EXAMPLES, 0.0, 1.0, 0, 0, tok.pad_token_id, forced=forced, engine=engine)
+    assert sum(len(e.calls) for e in env.episodes) == 10
+    assert engine.timings["idle_bursts"] == 0
+
+
 def test_the_triton_attention_kernel_gives_the_simple_paths_episodes(interpreted_triton):
     tok = tiny_tokenizer()
     forced = ForcedSchedule.calls_then_answer(tok, "Geo-Expert", [3, 12], 20)
