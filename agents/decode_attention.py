@@ -99,18 +99,23 @@ def supports(head_dim: int) -> bool:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-                     kv_len: int, splits: int | None = None, block: int = 64) -> torch.Tensor:
+                     kv_len: int, splits: int | None = None, block: int = 64, warps: int = 4,
+                     stages: int = 3) -> torch.Tensor:
     """softmax(q K^T / sqrt(d)) V for one query per row, over cache positions <= the row's position
     among the first `kv_len`. q (N, heads, d); caches (N, kv_heads, T, d), read in place (query head
     j uses KV head j // (heads / kv_heads), as transformers' repeat_kv); positions (N,).
-    Returns (N, heads, d) in q's dtype. `splits` (default: about four programs per SM) cuts each
-    row's keys into that many slices read in parallel."""
+    Returns (N, heads, d) in q's dtype.
+
+    `splits` cuts each row's keys into slices read by programs of their own. By default a row is
+    split only when there are fewer (row, KV head) programs than SMs, into slices of at least
+    8 blocks: splitting 64 rows of 0.5B or 128 of 3B at 256-512 keys was slower than not
+    (`bench/decode_attention.py`), the merge costing more than the parallelism gained."""
     N, heads, D = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     if splits is None:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-        splits = max(1, min(math.ceil(kv_len / block), math.ceil(4 * sms / (N * kv_heads))))
+        splits = max(1, min(math.ceil(kv_len / (8 * block)), math.ceil(sms / (N * kv_heads))))
     chunk = math.ceil(math.ceil(kv_len / splits) / block) * block
     dst = torch.empty(N, heads, D, device=q.device, dtype=q.dtype)
     part = torch.empty(N, heads, splits, D, device=q.device, dtype=torch.float32) if splits > 1 else dst
@@ -121,7 +126,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), kv_len, chunk,
         SPLITS=splits, SCALE=D ** -0.5, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=D,
-        BLOCK=block, IEEE=q.dtype == torch.float32)
+        BLOCK=block, IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
     if splits > 1:
         _merge_splits[(N * heads,)](part, row_max, row_sum, dst, SPLITS=splits,
                                     SPLITS_PAD=triton.next_power_of_2(splits), D=D)

@@ -45,24 +45,21 @@ def run_shape(shape: str, batch: int, low: int, high: int, bandwidth: float) -> 
     hidden_mask = (torch.arange(kv_len, device="cuda")[None] > positions[:, None])[:, None, None, None]
 
     def matmul():
-        for kc, vc in caches:
-            matmul_decode_attention(q[:, None], kc[:, :, :kv_len], vc[:, :, :kv_len], hidden_mask)
+        return [matmul_decode_attention(q[:, None], kc[:, :, :kv_len], vc[:, :, :kv_len], hidden_mask)
+                for kc, vc in caches]
 
     variants = {"matmul": torch.compile(matmul, dynamic=False)}
-    for block in (32, 64):
-        for splits in (None, 1, 2, 4, 8):
-            variants[f"triton b{block} s{splits or 'auto'}"] = (
-                lambda block=block, splits=splits: [decode_attention(q, kc, vc, positions, kv_len, splits, block)
-                                                    for kc, vc in caches])
+    for block, warps, stages, splits in [(64, 4, 3, None), (64, 4, 3, 2), (32, 4, 3, 1), (128, 4, 3, 1),
+                                         (64, 2, 3, 1), (64, 2, 2, 1), (64, 4, 2, 1), (64, 4, 4, 1), (128, 8, 3, 1),
+                                         (128, 4, 2, 1)]:
+        variants[f"triton b{block} w{warps} st{stages} s{splits or 'auto'}"] = (
+            lambda block=block, warps=warps, stages=stages, splits=splits:
+            [decode_attention(q, kc, vc, positions, kv_len, splits, block, warps, stages) for kc, vc in caches])
     expected = torch.stack([matmul_decode_attention(q[:, None], kc[:, :, :kv_len], vc[:, :, :kv_len], hidden_mask)
                             for kc, vc in caches]).float()
     rows = []
     for name, fn in variants.items():
-        if name != "matmul":
-            got = torch.stack(fn()).float()
-            err = float((got - expected).abs().max())
-        else:
-            err = 0.0
+        err = float((torch.stack(fn()).float() - expected).abs().max())
         sec = time_cuda(graphed(fn), repeats=20) / layers
         rows.append({"shape": shape, "batch": batch, "kv": f"{low}-{high}", "variant": name, "us_per_layer": sec * 1e6,
                      "GB_s": read / layers / sec / 1e9, "pct_copy_bw": 100 * read / layers / sec / bandwidth,
