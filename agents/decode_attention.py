@@ -99,7 +99,7 @@ def supports(head_dim: int) -> bool:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
-                     kv_len: int, splits: int | None = None, block: int = 64, warps: int = 4,
+                     kv_len: int, splits: int | None = None, block: int | None = None, warps: int = 4,
                      stages: int = 3) -> torch.Tensor:
     """softmax(q K^T / sqrt(d)) V for one query per row, over cache positions <= the row's position
     among the first `kv_len`. q (N, heads, d); caches (N, kv_heads, T, d), read in place (query head
@@ -109,8 +109,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     `splits` cuts each row's keys into slices read by programs of their own. By default a row is
     split only when there are fewer (row, KV head) programs than SMs, into slices of at least
     8 blocks: splitting 64 rows of 0.5B or 128 of 3B at 256-512 keys was slower than not
-    (`bench/decode_attention.py`), the merge costing more than the parallelism gained."""
+    (`bench/decode_attention.py`), the merge costing more than the parallelism gained. `block` keys
+    per step (default 8192 / d up to 128, 16 KB of bf16 keys: the fastest measured at d = 64 and 128)."""
     N, heads, D = q.shape
+    block = block or min(128, 8192 // D)
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
     if splits is None:
