@@ -428,13 +428,13 @@ class FastEngine:
         self.prefill_graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor]]] = {}
         self.prefill_out = torch.zeros(B, vocab, dtype=self.net.dtype, device=dev) if self.use_graphs else None
         self.pool = None
-        # wall time of each part of `run` (prefill: settling slots, calls and prefill included; upload:
-        # host state to the device and launching a burst; decode: waiting for a burst's tokens; env:
-        # pushing them; capture: graphs of new shapes, inside prefill or upload), the decode steps
-        # run, plain and times their cache length, the bursts in which no row decoded, and the graphs
-        # captured
-        self.timings = dict.fromkeys(("prefill_s", "upload_s", "decode_s", "env_s", "capture_s", "decode_steps",
-                                      "decode_kv_steps", "idle_bursts", "captures"), 0.0)
+        # wall time of each part of `run` (prefill: settling slots, calls and prefill included; calls:
+        # making the calls and inserting the replies, within prefill; upload: host state to the device
+        # and launching a burst; decode: waiting for a burst's tokens; env: pushing them; capture:
+        # graphs of new shapes, inside prefill or upload), the decode steps run, plain and times their
+        # cache length, the bursts in which no row decoded, and the graphs captured
+        self.timings = dict.fromkeys(("prefill_s", "calls_s", "upload_s", "decode_s", "env_s", "capture_s",
+                                      "decode_steps", "decode_kv_steps", "idle_bursts", "captures"), 0.0)
 
     def load_weights(self, model) -> None:
         """Refresh the engine's weights from `model` (the same architecture), e.g. after an update."""
@@ -723,7 +723,9 @@ class FastEngine:
             calling = [s for s in slots if s.episode is not None and env.episodes[s.episode].state != GENERATING
                        and not env.episodes[s.episode].done]
             if calling:
+                t0 = time.perf_counter()
                 inserted = env.resolve()  # every calling episode's call, concurrently
+                self.timings["calls_s"] += time.perf_counter() - t0
                 for s in calling:
                     jobs.append((slots.index(s), s, [s.token] + inserted.get(s.episode, []), s.pos))
             if not jobs:

@@ -88,6 +88,7 @@ class Episode:
     pending: Call | str | None = None  # the call to make, or why the search was not a valid call
     turns: int = 0  # closed <search> blocks, valid or not
     end_reason: str = ""
+    _policy_tokens: int = 0  # len(inserted) - sum(inserted), kept as pushes come
     _pieces: list[str] = field(default_factory=list)
     _scanner: TagScanner = field(default_factory=TagScanner)
     _stream: DecodeStream = field(default_factory=lambda: DecodeStream(skip_special_tokens=False))
@@ -98,7 +99,7 @@ class Episode:
 
     @property
     def policy_tokens(self) -> int:
-        return len(self.inserted) - sum(self.inserted)
+        return self._policy_tokens
 
     @property
     def text(self) -> str:
@@ -116,6 +117,7 @@ class Episode:
         token = int(token)
         self.response_ids.append(token)
         self.inserted.append(False)
+        self._policy_tokens += 1
         if token in self.eos_ids:
             return self._end("eos")
         piece = self._stream.step(_backend_tokenizer(self.tokenizer), token)
@@ -159,31 +161,7 @@ class Episode:
     def insert_reply(self, record: CallRecord | None) -> list[int]:
         """Insert `<info> reply </info>` for the pending search (the reply escaped and truncated;
         a failed call inserts its error) and return the inserted token ids."""
-        if self.state != CALLING:
-            raise RuntimeError(f"insert_reply() while the episode is {self.state}")
-        if record is not None:
-            self.calls.append(record)
-            body = f"error: {record.error}" if record.error else record.reply
-        else:
-            body = str(self.pending)
-        text = info_block(self._truncate(escape_info(body).strip()))
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        backend = _backend_tokenizer(self.tokenizer)
-        for i in ids:  # keep the incremental decoder's context in step; the text is known exactly
-            self._stream.step(backend, i)
-        self.response_ids.extend(ids)
-        self.inserted.extend([True] * len(ids))
-        self._pieces.append(text)
-        self._scanner.reset()
-        self.state, self.pending = GENERATING, None
-        return ids
-
-    def _truncate(self, body: str) -> str:
-        ids = self.tokenizer.encode(body, add_special_tokens=False)
-        if len(ids) <= self.cfg.max_info_tokens:
-            return body
-        # cut at a token boundary, dropping a split multi-byte character
-        return self.tokenizer.decode(ids[: self.cfg.max_info_tokens]).rstrip("\ufffd").rstrip() + " ..."
+        return insert_replies([self], [record])[0]
 
     def score(self, cost_normalizer: CostNormalizer | None = None,
               reward_fn: RewardFn = compute_reward) -> RewardBreakdown:
@@ -210,6 +188,45 @@ class Episode:
         }
 
 
+def insert_replies(episodes: Sequence[Episode], records: Sequence[CallRecord | None]) -> list[list[int]]:
+    """`insert_reply` for several CALLING episodes (one tokenizer): the replies are tokenized in two
+    batched calls, to truncate them and then to write the blocks, rather than two calls each."""
+    for e in episodes:
+        if e.state != CALLING:
+            raise RuntimeError(f"insert_reply() while the episode is {e.state}")
+    if not episodes:
+        return []
+    tokenizer = episodes[0].tokenizer
+    if any(e.tokenizer is not tokenizer for e in episodes):
+        raise ValueError("insert_replies() needs episodes that share one tokenizer")
+    encode = lambda texts: tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    bodies = []
+    for e, record in zip(episodes, records):
+        if record is not None:
+            e.calls.append(record)
+            body = f"error: {record.error}" if record.error else record.reply
+        else:
+            body = str(e.pending)
+        bodies.append(escape_info(body).strip())
+    texts = []
+    for e, body, ids in zip(episodes, bodies, encode(bodies)):
+        limit = e.cfg.max_info_tokens
+        if len(ids) > limit:  # cut at a token boundary, dropping a split multi-byte character
+            body = tokenizer.decode(ids[:limit]).rstrip("\ufffd").rstrip() + " ..."
+        texts.append(info_block(body))
+    backend = _backend_tokenizer(tokenizer)
+    inserted = encode(texts)
+    for e, text, ids in zip(episodes, texts, inserted):
+        for i in ids:  # keep the incremental decoder's context in step; the text is known exactly
+            e._stream.step(backend, i)
+        e.response_ids.extend(ids)
+        e.inserted.extend([True] * len(ids))
+        e._pieces.append(text)
+        e._scanner.reset()
+        e.state, e.pending = GENERATING, None
+    return inserted
+
+
 def resolve_calls(episodes: Sequence[Episode], pool: CandidatePool) -> list[list[int]]:
     """Make the pending calls of every CALLING episode concurrently and insert the replies.
 
@@ -220,5 +237,5 @@ def resolve_calls(episodes: Sequence[Episode], pool: CandidatePool) -> list[list
     valid = [e for e in calling if isinstance(e.pending, Call)]
     records = pool.call_many([(e.pending.name, e.pending.query, e.question) for e in valid])
     by_episode = {id(e): r for e, r in zip(valid, records)}
-    inserted = {id(e): e.insert_reply(by_episode.get(id(e))) for e in calling}
+    inserted = dict(zip(map(id, calling), insert_replies(calling, [by_episode.get(id(e)) for e in calling])))
     return [inserted.get(id(e), []) for e in episodes]
