@@ -79,10 +79,15 @@ class RolloutConfig:
     # tokens decoded per device call (one CUDA graph); the next call runs while the env reads the last,
     # and a row that stops sits out the call in flight (H100, 0.5B and 3B: 8 beat 16 end to end by 5-18%)
     engine_burst: int = 8
+    # the decode step's attention: triton (agents/decode_attention.py, over each row's filled length),
+    # matmul (two batched matmuls over the bucketed length), auto (triton on a GPU where it runs)
+    engine_attention: str = "auto"
 
     def __post_init__(self):
         if self.engine not in ("auto", "fast", "simple"):
             raise ValueError(f"rollout.engine must be auto, fast or simple, got {self.engine!r}")
+        if self.engine_attention not in ("auto", "triton", "matmul"):
+            raise ValueError(f"rollout.engine_attention must be auto, triton or matmul, got {self.engine_attention!r}")
         for key in ("engine_slots", "engine_max_len"):
             if getattr(self, key) < 0:
                 raise ValueError(f"rollout.{key} must be >= 0, got {getattr(self, key)}")

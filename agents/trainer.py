@@ -162,8 +162,9 @@ class Trainer:
             return self.fast
         slots = r.engine_slots or r.n_prompts * r.n_per_prompt // self.dist.world_size
         self.fast = fast_decode.FastEngine(policy, self.tokenizer, slots, r.engine_max_len or self._longest_episode(),
-                                           burst=r.engine_burst)
-        log.info("rollouts use FastEngine: %d slots x %d cache positions", slots, self.fast.max_len)
+                                           burst=r.engine_burst, attention=r.engine_attention)
+        log.info("rollouts use FastEngine: %d slots x %d cache positions, %s attention", slots, self.fast.max_len,
+                 "triton" if self.fast.net.fused_attention else "matmul")
         return self.fast
 
     def _longest_episode(self) -> int:
