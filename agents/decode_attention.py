@@ -98,6 +98,7 @@ def supports(head_dim: int) -> bool:
     return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
 
 
+@torch.compiler.disable  # called as is from compiled layers: inductor would re-process the kernel per graph
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, positions: torch.Tensor,
                      kv_len: int, splits: int | None = None, block: int | None = None, warps: int = 4,
                      stages: int = 3) -> torch.Tensor:
