@@ -113,6 +113,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     (`bench/decode_attention.py`), the merge costing more than the parallelism gained. `block` keys
     per step (default 8192 / d up to 128, 16 KB of bf16 keys: the fastest measured at d = 64 and 128)."""
     N, heads, D = q.shape
+    if any(t.stride(-1) != 1 for t in (q, k_cache, v_cache, positions)):
+        raise ValueError("decode_attention needs q, the caches and positions contiguous in their last dimension")
     block = block or min(128, 8192 // D)
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads

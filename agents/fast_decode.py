@@ -490,7 +490,8 @@ class FastEngine:
         """`work` captured as a CUDA graph in the engine's shared memory pool, after one warm-up run
         (which compiles) on a side stream. If compiling fails (inductor, or the Triton attention kernel),
         `drop_compiled` falls back to eager PyTorch (True if it had compiled code to drop) and the
-        warm-up runs again: a compiler failure costs speed, never the run. Counted in `timings` (a shape seen for the first time)."""
+        warm-up runs again: a compiler failure costs speed, never the run. Counted in `timings` (a shape
+        seen for the first time)."""
         t0 = time.perf_counter()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -701,8 +702,8 @@ class FastEngine:
         row stays below its stop count after the burst in flight (a row uploaded just now starts from
         the host's count; another may run that burst whole). A burst in which every row is frozen
         (e.g. all at a call) would only delay the host's next look."""
-        return any(env.episodes[slots[r].episode].policy_tokens + (0 if r in uploaded else self.burst) < self.row_stops[r]
-                   for r in running)
+        lag = lambda r: 0 if r in uploaded else self.burst
+        return any(env.episodes[slots[r].episode].policy_tokens + lag(r) < self.row_stops[r] for r in running)
 
     def _settle(self, slots: list[Slot], env, waiting: deque, keys, windows, temperature: float, top_p: float,
                 accept, stats: RolloutStats) -> set[int]:

@@ -144,3 +144,29 @@ def test_vector_env_matches_token_level_env():
     env.reset(seed=0, options={"question": "q?", "golden_answers": ["Tessaly"]})
     _, rewards, info = drive(env, text, tok)
     assert r0.total == r1.total == rewards[-1] and s0["trajectory"] == info["trajectory"]
+
+
+def test_replies_inserted_together_equal_replies_inserted_one_at_a_time():
+    from envs.candidates.spec import CallRecord
+    from envs.episode import CALLING, insert_replies
+    tok = tiny_tokenizer()
+    records = [CallRecord("Geo-Expert", "q", "Tessaly é 中文 " * 40),  # truncated, through multi-byte characters
+               CallRecord("Geo-Expert", "q", "short"), CallRecord("Geo-Expert", "q", "", error="timeout"), None]
+
+    def calling_episodes():
+        vec = MultiRouteVectorEnv(tok, make_pool(), EpisodeConfig(max_info_tokens=16))
+        vec.reset([{"question": "q?", "golden_answers": ["Tessaly"]}] * len(records))
+        for i in range(len(records)):
+            for t in encode(tok, GOOD):
+                vec.push(i, t)
+        assert all(e.state == CALLING for e in vec.episodes)
+        return vec.episodes
+
+    together, alone = calling_episodes(), calling_episodes()
+    ids = insert_replies(together, records)
+    assert ids == [e.insert_reply(r) for e, r in zip(alone, records)]
+    assert [e.text for e in together] == [e.text for e in alone]
+    assert [e.response_ids for e in together] == [e.response_ids for e in alone]
+    blocks = [e._pieces[-1] for e in together]  # the inserted text
+    assert ids == [tok.encode(b, add_special_tokens=False) for b in blocks]
+    assert "... </info>" in blocks[0] and "error: timeout" in blocks[2]
