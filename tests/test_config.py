@@ -16,6 +16,7 @@ def test_defaults_validate():
     ("algorithm.loss_agg=mean", "algorithm.loss_agg"),
     ("algorithm.advantage=ppo2", "ppo2"),
     ("rollout.top_p=0", "rollout.top_p"),
+    ("rollout.engine_attention=flash", "rollout.engine_attention"),
     ("model.dtype=int8", "model.dtype"),
     ("deepspeed=zero4", "zero4"),
     ("deepspeed=/no/such/ds.json", "/no/such/ds.json"),

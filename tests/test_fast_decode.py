@@ -222,6 +222,14 @@ def test_blockwise_cdf_inversion_equals_one_cumsum_over_the_row(vocab, block):
     assert bool((probs.gather(-1, expected[:, None]) > 0).all())
 
 
+def test_triton_attention_is_refused_where_the_kernel_cannot_run(interpreted_triton):
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok))  # head size 8: below the kernel's 16
+    with pytest.raises(ValueError, match="head size"):
+        FastEngine(model, tok, slots=2, max_len=64, attention="triton")
+    assert not FastEngine(model, tok, slots=2, max_len=64).net.fused_attention  # auto: the matmul path
+
+
 @pytest.mark.parametrize("heads,kv_heads,dim", [(14, 2, 64), (16, 2, 128), (4, 4, 16)])
 def test_split_kv_attention_kernel_equals_softmax_attention_over_each_rows_length(interpreted_triton, heads,
                                                                                   kv_heads, dim):
