@@ -123,9 +123,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         splits = max(1, min(math.ceil(kv_len / (8 * block)), math.ceil(sms / (N * kv_heads))))
     chunk = math.ceil(math.ceil(kv_len / splits) / block) * block
     dst = torch.empty(N, heads, D, device=q.device, dtype=q.dtype)
-    part = torch.empty(N, heads, splits, D, device=q.device, dtype=torch.float32) if splits > 1 else dst
-    row_max = torch.empty(N, heads, splits, device=q.device, dtype=torch.float32)
-    row_sum = torch.empty(N, heads, splits, device=q.device, dtype=torch.float32)
+    part = row_max = row_sum = dst  # one split writes dst alone; these are never touched
+    if splits > 1:
+        part = torch.empty(N, heads, splits, D, device=q.device, dtype=torch.float32)
+        row_max, row_sum = (torch.empty(N, heads, splits, device=q.device, dtype=torch.float32) for _ in range(2))
     _split_kv_attention[(N, kv_heads, splits)](
         q, k_cache, v_cache, positions, dst, part, row_max, row_sum,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),

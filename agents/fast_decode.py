@@ -338,7 +338,10 @@ def extend_tails(tails: torch.Tensor, token_codes: torch.Tensor, token_lengths: 
     return new, hit
 
 
-def forced_windows(forced: ForcedSchedule | None, tokenizer) -> list[tuple[int, list[int], bool]]:
+Window = tuple[int, list[int], bool]  # a forced chunk's start, its ids, whether its text holds a stop string
+
+
+def forced_windows(forced: ForcedSchedule | None, tokenizer) -> list[Window]:
     """The forced chunks in the order `run_rollouts` writes them (a chunk starting inside an earlier
     chunk's tokens is never used), each with whether its text holds a stop string (then the device
     freezes the row by the chunk's end at the latest)."""
@@ -521,7 +524,7 @@ class FastEngine:
     # -- host side
 
     def _upload(self, rows: list[int], slots: list[Slot], env: MultiRouteVectorEnv, keys: list[int],
-                windows: list[tuple[int, list[int]]]) -> None:
+                windows: list[Window]) -> None:
         """Write the host's view of the given rows into the device buffers, in stream order (no wait
         for a burst in flight). The other rows keep the state their bursts advanced; the forced-window
         table is rewritten whole from every row's last uploaded chunk, which a running row never leaves."""
@@ -803,7 +806,7 @@ def _padded_windows(chunks: list[list[int]]) -> list[list[int]]:
     return [c + [0] * (width - len(c)) for c in chunks]
 
 
-def _window_at(windows: list[tuple[int, list[int], bool]], count: int) -> tuple[int, list[int], int]:
+def _window_at(windows: list[Window], count: int) -> tuple[int, list[int], int]:
     """The forced window in force at token index `count` (or the next one), and the count at which
     the device stops: the window's end if its stop string freezes the row there anyway (so the host
     knows), else where the host must load the window after it."""

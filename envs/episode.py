@@ -88,7 +88,7 @@ class Episode:
     pending: Call | str | None = None  # the call to make, or why the search was not a valid call
     turns: int = 0  # closed <search> blocks, valid or not
     end_reason: str = ""
-    _policy_tokens: int = 0  # len(inserted) - sum(inserted), kept as pushes come
+    _policy_tokens: int = field(default=0, init=False, repr=False)  # len(inserted) - sum(inserted), kept by push
     _pieces: list[str] = field(default_factory=list)
     _scanner: TagScanner = field(default_factory=TagScanner)
     _stream: DecodeStream = field(default_factory=lambda: DecodeStream(skip_special_tokens=False))
