@@ -15,20 +15,24 @@ from rewards import compute_reward
 from rewards.cost import CostNormalizer
 
 
-def make_episode(example: Any, tokenizer, pool: CandidatePool, cfg: EpisodeConfig,
-                 eos_ids: frozenset[int]) -> Episode:
-    """Start an episode for `example` (a mapping or object with `question` and `golden_answers`)."""
-    get = example.get if isinstance(example, dict) else lambda k: getattr(example, k, None)
-    question, golden = get("question"), get("golden_answers")
-    if isinstance(golden, str):
-        golden = [golden]
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError(f"example needs a non-empty 'question' string, got {question!r}")
-    if not golden or not all(isinstance(g, str) for g in golden):
-        raise ValueError(f"example needs a non-empty list of 'golden_answers' strings, got {golden!r}")
-    prompt = build_prompt(question, pool.specs, cfg.prompt_template, cfg.max_turns)
-    return Episode(question, list(golden), prompt_token_ids(tokenizer, prompt), tokenizer,
-                   pool.names, cfg, eos_ids)
+def make_episodes(examples: Sequence[Any], tokenizer, pool: CandidatePool, cfg: EpisodeConfig,
+                  eos_ids: frozenset[int]) -> list[Episode]:
+    """Start an episode per example (a mapping or object with `question` and `golden_answers`);
+    the prompts are tokenized in one batched call."""
+    questions, goldens = [], []
+    for i, example in enumerate(examples):
+        get = example.get if isinstance(example, dict) else lambda k: getattr(example, k, None)
+        question, golden = get("question"), get("golden_answers")
+        if isinstance(golden, str):
+            golden = [golden]
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"example {i} needs a non-empty 'question' string, got {question!r}")
+        if not golden or not all(isinstance(g, str) for g in golden):
+            raise ValueError(f"example {i} needs a non-empty list of 'golden_answers' strings, got {golden!r}")
+        questions.append(question), goldens.append(list(golden))
+    prompts = [build_prompt(q, pool.specs, cfg.prompt_template, cfg.max_turns) for q in questions]
+    return [Episode(q, g, ids, tokenizer, pool.names, cfg, eos_ids)
+            for q, g, ids in zip(questions, goldens, prompt_token_ids(tokenizer, prompts))]
 
 
 class MultiRouteEnv(gym.Env):
@@ -81,7 +85,7 @@ class MultiRouteEnv(gym.Env):
         else:
             raise ValueError("reset() needs options={'question': ..., 'golden_answers': [...]} "
                              "or a dataset given at construction")
-        self.episode = make_episode(example, self.tokenizer, self.pool, self.cfg, self.eos_ids)
+        self.episode = make_episodes([example], self.tokenizer, self.pool, self.cfg, self.eos_ids)[0]
         obs = np.asarray(self.episode.prompt_ids, dtype=np.int64)
         return obs, {"question": self.episode.question}
 

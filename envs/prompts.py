@@ -60,14 +60,16 @@ def build_prompt(question: str, specs: Sequence[CandidateSpec], template: str = 
                       question=question.strip(), max_turns=max_turns)
 
 
-def prompt_token_ids(tokenizer, user_message: str) -> list[int]:
-    """Token ids of the prompt. With a chat template: one user message and the generation prompt,
-    so the whole trajectory (`<info>` blocks included) stays inside the assistant turn. Without one:
-    the message text itself."""
+def prompt_token_ids(tokenizer, user_messages: list[str]) -> list[list[int]]:
+    """Token ids of each prompt, in one batched call. With a chat template: one user message and the
+    generation prompt, so the whole trajectory (`<info>` blocks included) stays inside the assistant
+    turn. Without one: the message text itself."""
+    if not user_messages:
+        return []
     if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": user_message}],
+        ids = tokenizer.apply_chat_template([[{"role": "user", "content": m}] for m in user_messages],
                                             add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
-        return list(ids)
-    return tokenizer.encode(user_message, add_special_tokens=False)
+        return [list(x) for x in ids]
+    return tokenizer(list(user_messages), add_special_tokens=False)["input_ids"]

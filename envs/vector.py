@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from envs.candidates.pool import CandidatePool
-from envs.env import make_episode
+from envs.env import make_episodes
 from envs.episode import CALLING, DONE, Episode, EpisodeConfig, RewardFn, eos_token_ids, resolve_calls
 from rewards import RewardBreakdown, compute_reward
 from rewards.cost import CostNormalizer
@@ -41,7 +41,7 @@ class MultiRouteVectorEnv:
 
     def reset(self, examples: Sequence[Any]) -> list[list[int]]:
         """Start one episode per example; return their prompt ids."""
-        self.episodes = [make_episode(x, self.tokenizer, self.pool, self.cfg, self.eos_ids) for x in examples]
+        self.episodes = make_episodes(examples, self.tokenizer, self.pool, self.cfg, self.eos_ids)
         return [e.prompt_ids for e in self.episodes]
 
     @property

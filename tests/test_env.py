@@ -170,3 +170,27 @@ def test_replies_inserted_together_equal_replies_inserted_one_at_a_time():
     blocks = [e._pieces[-1] for e in together]  # the inserted text
     assert ids == [tok.encode(b, add_special_tokens=False) for b in blocks]
     assert "... </info>" in blocks[0] and "error: timeout" in blocks[2]
+
+
+@pytest.mark.parametrize("chat_template", [False, True])
+def test_prompts_tokenized_together_equal_prompts_tokenized_one_at_a_time(chat_template):
+    from envs.prompts import prompt_token_ids
+    tok = tiny_tokenizer()
+    if chat_template:
+        tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    messages = ["Where is Korvan?", "a much longer question about the north and its river?", "é 中文"]
+    together = prompt_token_ids(tok, messages)
+    assert together == [prompt_token_ids(tok, [m])[0] for m in messages] and len(set(map(len, together))) == 3
+    if chat_template:
+        assert tok.decode(together[0]).endswith("<|assistant|>")
+    vec = MultiRouteVectorEnv(tok, make_pool(), EpisodeConfig())
+    prompts = vec.reset([{"question": m, "golden_answers": ["x"]} for m in messages])
+    assert prompts == [MultiRouteEnv(tok, make_pool(), config=EpisodeConfig()).reset(
+        options={"question": m, "golden_answers": ["x"]})[0].tolist() for m in messages]
+
+
+def test_a_bad_example_is_named_by_its_index():
+    vec = MultiRouteVectorEnv(tiny_tokenizer(), make_pool(), EpisodeConfig())
+    with pytest.raises(ValueError, match="example 1 needs a non-empty 'question'"):
+        vec.reset([{"question": "q?", "golden_answers": ["x"]}, {"question": " ", "golden_answers": ["x"]}])
