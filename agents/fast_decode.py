@@ -67,15 +67,14 @@ def invert_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 1024) -> torch
 
 
 def choose_tokens(logits: torch.Tensor, temperature: float, top_p: float, keys: torch.Tensor,
-                  counts: torch.Tensor, win_start: torch.Tensor, win_len: torch.Tensor,
-                  win_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  counts: torch.Tensor, forced_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The next token of each row (R, V) and its log-probability, as `sample_tokens` defines them.
 
     T = 0 is greedy. Otherwise an exact sample of softmax(logits / T) over the top-p nucleus (the
     same nucleus rule as `sample_tokens`) by inverting its CDF (float64 cumulative sums) at one
-    keyed uniform per row; the log-prob is under that renormalised distribution. Rows whose token
-    index `counts` lies in their forced window [win_start, win_start + win_len) write
-    `win_tokens[count - win_start]` instead, with log softmax(logits / T)[token] (T = 1 if greedy).
+    keyed uniform per row; the log-prob is under that renormalised distribution. A row whose token
+    index `count` has a forced id (`forced_ids[count] >= 0`; counts past the table's end have none)
+    writes it instead, with log softmax(logits / T)[token] (T = 1 if greedy).
     """
     lf = logits.float()
     scaled = lf / temperature if temperature else lf  # the forced tokens' distribution is softmax(scaled)
@@ -96,9 +95,9 @@ def choose_tokens(logits: torch.Tensor, temperature: float, top_p: float, keys: 
         else:
             tokens = invert_cdf((scaled - log_z).exp(), u)
             lp = (scaled.gather(-1, tokens[:, None]) - log_z).squeeze(-1)
-    at = counts - win_start
-    forced = (at >= 0) & (at < win_len)
-    forced_tokens = win_tokens.gather(-1, at.clamp(0, win_tokens.shape[-1] - 1)[:, None]).squeeze(-1)
+    forced_tokens = torch.where(counts < forced_ids.shape[0], forced_ids[counts.clamp(max=forced_ids.shape[0] - 1)], -1)
+    forced = forced_tokens >= 0
+    forced_tokens = forced_tokens.clamp(min=0)
     forced_lp = (scaled.gather(-1, forced_tokens[:, None]) - log_z).squeeze(-1)
     return torch.where(forced, forced_tokens, tokens), torch.where(forced, forced_lp, lp)
 
@@ -136,30 +135,33 @@ def decoder_layer(x, delta, norm1, qkv, qkv_bias, out, norm2, gate_up, down, kc,
     `kv_len` cache positions (masked by `hidden_mask`), output projection, fused gate-up SwiGLU MLP;
     residuals in x's dtype. Returns (the stream after attention, the MLP's output): the next layer
     adds them, in the same kernel as its first norm. `fused_attention`: a decode step (every cache
-    row, in order) attends with the Triton split-KV kernel, over each row's filled length."""
+    row, in order) rotates, writes the cache and attends in the Triton split-KV kernel, over each
+    row's filled length."""
     N, Lq, _ = x.shape
     d = cos.shape[-1]
     x = x + delta
     h = rms_norm(x, norm1, eps)
     q, k, v = F.linear(h, qkv, qkv_bias).split([heads * d, kv_heads * d, kv_heads * d], -1)
-    q = q.view(N, Lq, heads, d)
-    k = k.view(N, Lq, kv_heads, d)
-    q = q * cos + _rotate_half(q) * sin
-    k = k * cos + _rotate_half(k) * sin
-    kc[rows[:, None], :, positions] = k  # advanced indices first: (N, Lq, kv_heads, d)
-    vc[rows[:, None], :, positions] = v.view(N, Lq, kv_heads, d)
-    keys, values = kc[:, :, :kv_len], vc[:, :, :kv_len]
-    if slots is not None:
-        keys, values = keys[slots], values[slots]
-    if Lq == 1 and fused_attention:
-        attn = decode_attention.decode_attention(q.view(N, heads, d).contiguous(), kc, vc, positions[:, 0], kv_len)
-        attn = attn.view(N, 1, heads * d)
-    elif Lq == 1:
-        attn = matmul_decode_attention(q, keys, values, hidden_mask).view(N, 1, heads * d)
-    else:  # prefill: the fused SDPA kernel
-        attn = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=~hidden_mask[:, :, 0],
-                                              enable_gqa=True)
-        attn = attn.transpose(1, 2).reshape(N, Lq, heads * d)
+    if Lq == 1 and fused_attention:  # RoPE, the cache write and attention in one kernel
+        attn = decode_attention.decode_attention(
+            q.view(N, heads, d), kc, vc, positions[:, 0], kv_len, k_new=k.view(N, kv_heads, d),
+            v_new=v.view(N, kv_heads, d), cos=cos.view(N, d), sin=sin.view(N, d)).view(N, 1, heads * d)
+    else:
+        q = q.view(N, Lq, heads, d)
+        k = k.view(N, Lq, kv_heads, d)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        kc[rows[:, None], :, positions] = k  # advanced indices first: (N, Lq, kv_heads, d)
+        vc[rows[:, None], :, positions] = v.view(N, Lq, kv_heads, d)
+        keys, values = kc[:, :, :kv_len], vc[:, :, :kv_len]
+        if slots is not None:
+            keys, values = keys[slots], values[slots]
+        if Lq == 1:
+            attn = matmul_decode_attention(q, keys, values, hidden_mask).view(N, 1, heads * d)
+        else:  # prefill: the fused SDPA kernel
+            attn = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=~hidden_mask[:, :, 0],
+                                                  enable_gqa=True)
+            attn = attn.transpose(1, 2).reshape(N, Lq, heads * d)
     x = x + F.linear(attn, out)
     gate, up = F.linear(rms_norm(x, norm2, eps), gate_up).chunk(2, -1)
     return x, F.linear(F.silu(gate) * up, down)
@@ -338,21 +340,20 @@ def extend_tails(tails: torch.Tensor, token_codes: torch.Tensor, token_lengths: 
     return new, hit
 
 
-Window = tuple[int, list[int], bool]  # a forced chunk's start, its ids, whether its text holds a stop string
-
-
-def forced_windows(forced: ForcedSchedule | None, tokenizer) -> list[Window]:
-    """The forced chunks in the order `run_rollouts` writes them (a chunk starting inside an earlier
-    chunk's tokens is never used), each with whether its text holds a stop string (then the device
-    freezes the row by the chunk's end at the latest)."""
-    windows, end = [], 0
+def forced_plan(forced: ForcedSchedule | None, tokenizer) -> tuple[dict[int, int], list[int]]:
+    """The forced schedule as `run_rollouts` writes it: the id forced at each policy-token count (a
+    chunk starting inside an earlier chunk's tokens is never used), and the counts at which a chunk
+    whose text holds a stop string ends (the device freezes the row there at the latest, so the host
+    knows in advance)."""
+    ids, closing, end = {}, [], 0
     for start in sorted(forced.chunks if forced else {}):
         chunk = list(forced.chunks[start])
         if start >= end and chunk:
-            text = tokenizer.decode(chunk, skip_special_tokens=False)
-            windows.append((start, chunk, any(stop in text for stop in STOP_STRINGS)))
+            ids.update(zip(range(start, start + len(chunk)), chunk))
             end = start + len(chunk)
-    return windows
+            if any(stop in tokenizer.decode(chunk, skip_special_tokens=False) for stop in STOP_STRINGS):
+                closing.append(end)
+    return ids, closing
 
 
 def advance_rows(nxt: torch.Tensor, active: torch.Tensor, tails: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor,
@@ -417,11 +418,12 @@ class FastEngine:
         B = slots
         z = lambda dtype=torch.long: torch.zeros(B, dtype=dtype, device=dev)
         self.tok, self.pos, self.count, self.stop_at, self.key = z(), z(), z(), z(), z()
-        self.win_start, self.win_len, self.active = z(), z(), z(torch.bool)
+        self.active = z(torch.bool)
         self.tails = torch.zeros(B, width, dtype=torch.int32, device=dev)
-        self.win_buffers = {1: torch.zeros(B, 1, dtype=torch.long, device=dev)}  # forced windows, by width
-        self.win_tokens = self.win_buffers[1]
-        self.row_windows: list[list[int]] = [[] for _ in range(B)]  # each row's forced chunk, as last uploaded
+        # the phase's forced id at each policy-token count (-1: sampled), for every row; a count never
+        # exceeds a position, so the table covers every count a row can reach
+        self.forced_ids = torch.full((self.net.scratch + 1,), -1, dtype=torch.long, device=dev)
+        self.closing: list[int] = []  # counts at which a forced chunk freezes its row (`forced_plan`)
         self.row_stops = [0] * B  # each row's stop count, as last uploaded
         self.epoch = [0] * B  # uploads per row: a burst's tokens count only for the upload they ran under
         self.out_tok = torch.zeros(B, burst, dtype=torch.long, device=dev)
@@ -451,8 +453,7 @@ class FastEngine:
         reached their stop count."""
         hidden = self.net.forward(self.tok[:, None], self.pos[:, None], None, kv_len)
         logits = self.net.logits(hidden[:, 0])
-        nxt, lp = self.choose(logits, temperature, top_p, self.key, self.count, self.win_start,
-                              self.win_len, self.win_tokens)
+        nxt, lp = self.choose(logits, temperature, top_p, self.key, self.count, self.forced_ids)
         self.out_tok[:, j] = nxt
         self.out_lp[:, j] = lp
         self.out_valid[:, j] = self.active
@@ -467,7 +468,7 @@ class FastEngine:
         """Decode `burst` tokens for every active row: one graph replay on GPU."""
         if not self.use_graphs:
             return self._burst(kv_len, temperature, top_p)
-        key = (kv_len, temperature, top_p, self.win_tokens.shape[1])
+        key = (kv_len, temperature, top_p)
         if key not in self.graphs:
             state = (self.tok, self.pos, self.count, self.active, self.tails)  # what a burst advances
             saved = [t.clone() for t in state]
@@ -523,11 +524,9 @@ class FastEngine:
 
     # -- host side
 
-    def _upload(self, rows: list[int], slots: list[Slot], env: MultiRouteVectorEnv, keys: list[int],
-                windows: list[Window]) -> None:
+    def _upload(self, rows: list[int], slots: list[Slot], env: MultiRouteVectorEnv, keys: list[int]) -> None:
         """Write the host's view of the given rows into the device buffers, in stream order (no wait
-        for a burst in flight). The other rows keep the state their bursts advanced; the forced-window
-        table is rewritten whole from every row's last uploaded chunk, which a running row never leaves."""
+        for a burst in flight). The other rows keep the state their bursts advanced."""
         limit = env.cfg.max_response_tokens
         values = []
         for r in rows:
@@ -536,21 +535,13 @@ class FastEngine:
             self._check_room(s)
             running = ep is not None and ep.state == GENERATING
             count = ep.policy_tokens if ep is not None else 0
-            start, chunk, stop = _window_at(windows, count)
-            self.row_stops[r] = min(limit, stop)
+            self.row_stops[r] = min(limit, _next_closing(self.closing, count))
             values.append([s.token, s.pos if ep is not None else self.net.scratch - self.burst, count, running,
-                           self.row_stops[r], keys[s.episode] if ep is not None else 0, start, len(chunk)])
-            self.row_windows[r] = chunk
+                           self.row_stops[r], keys[s.episode] if ep is not None else 0])
             self.epoch[r] += 1
-        table = _padded_windows(self.row_windows)
-        width = len(table[0])
-        if width not in self.win_buffers:  # kept for good: captured graphs read it at this address
-            self.win_buffers[width] = torch.zeros(len(slots), width, dtype=torch.long, device=self.net.device)
-        self.win_tokens = self.win_buffers[width]
-        self.win_tokens.copy_(_to_device(torch.tensor(table), self.net.device))
         idx = _to_device(torch.tensor(rows), self.net.device)
         columns = _to_device(torch.tensor(values, dtype=torch.long), self.net.device)
-        for k, name in enumerate(("tok", "pos", "count", "active", "stop_at", "key", "win_start", "win_len")):
+        for k, name in enumerate(("tok", "pos", "count", "active", "stop_at", "key")):
             buf = getattr(self, name)
             buf[idx] = columns[:, k].to(buf.dtype)
 
@@ -603,8 +594,8 @@ class FastEngine:
         graph.replay()
         return self.prefill_out[:ids.shape[0]]
 
-    def _prefill(self, jobs: list[tuple[int, Slot, list[int], int]], env, keys, windows,
-                 temperature: float, top_p: float) -> list[tuple[int, int, float]]:
+    def _prefill(self, jobs: list[tuple[int, Slot, list[int], int]], env, keys, temperature: float,
+                 top_p: float) -> list[tuple[int, int, float]]:
         """Append ids into the cache rows of the given slots (prompts, or a last token plus the env's
         `<info>` ids), then choose each slot's next token. jobs: (row, slot, ids, start position).
         Groups are padded to a power-of-two row count and a width of `_bucket_width` and their cache
@@ -635,15 +626,11 @@ class FastEngine:
             last = torch.tensor([len(j[2]) - 1 for j in group] + [0] * (n - len(group)))
             kv_len = self.cache_len(max(j[3] + len(j[2]) for j in group))
             logits = self._prefill_logits(ids.to(dev), positions.to(dev), rows.to(dev), last.to(dev), kv_len)
-            counts, starts, lens, chunks = [], [], [], []
-            for _, s, _, _ in group:
-                count = env.episodes[s.episode].policy_tokens
-                start, chunk, _ = _window_at(windows, count)
-                counts.append(count), starts.append(start), lens.append(len(chunk)), chunks.append(chunk)
             as_dev = lambda v: torch.tensor(v, dtype=torch.long, device=dev)
             tokens, lps = choose_tokens(logits[:len(group)], temperature, top_p,
                                         as_dev([keys[s.episode] for _, s, _, _ in group]),
-                                        as_dev(counts), as_dev(starts), as_dev(lens), as_dev(_padded_windows(chunks)))
+                                        as_dev([env.episodes[s.episode].policy_tokens for _, s, _, _ in group]),
+                                        self.forced_ids)
             self.tails[rows[:len(group)].to(dev)] = self.token_codes[tokens]  # the text so far starts anew
             chosen += [(j[0], t, lp) for j, t, lp in zip(group, tokens.tolist(), lps.tolist())]
         return chosen
@@ -659,7 +646,11 @@ class FastEngine:
         self.timings = dict.fromkeys(self.timings, 0.0)
         n = len(examples)
         keys = [episode_seed(seed, step, index_offset + i) for i in range(n)]
-        windows = forced_windows(forced, self.tokenizer)
+        ids, self.closing = forced_plan(forced, self.tokenizer)
+        table = torch.full(self.forced_ids.shape, -1, dtype=torch.long)
+        at = [c for c in ids if c < len(table)]
+        table[at] = torch.tensor([ids[c] for c in at], dtype=torch.long)
+        self.forced_ids.copy_(table)  # in place: captured graphs read it at this address
         logps: list[list[float]] = [[] for _ in range(n)]
         stats = RolloutStats()
         waiting = deque(range(n))
@@ -678,11 +669,11 @@ class FastEngine:
         wake = set(range(len(slots)))  # rows to upload even if unchanged: all at first (state left by others)
         while True:
             t0 = time.perf_counter()
-            rows = self._settle(slots, env, waiting, keys, windows, temperature, top_p, accept, stats) | wake
+            rows = self._settle(slots, env, waiting, keys, temperature, top_p, accept, stats) | wake
             wake = set()
             t1 = time.perf_counter()
             if rows:
-                self._upload(sorted(rows), slots, env, keys, windows)
+                self._upload(sorted(rows), slots, env, keys)
             running = [r for r, s in enumerate(slots)
                        if s.episode is not None and env.episodes[s.episode].state == GENERATING]
             launched = None
@@ -708,7 +699,7 @@ class FastEngine:
         lag = lambda r: 0 if r in uploaded else self.burst
         return any(env.episodes[slots[r].episode].policy_tokens + lag(r) < self.row_stops[r] for r in running)
 
-    def _settle(self, slots: list[Slot], env, waiting: deque, keys, windows, temperature: float, top_p: float,
+    def _settle(self, slots: list[Slot], env, waiting: deque, keys, temperature: float, top_p: float,
                 accept, stats: RolloutStats) -> set[int]:
         """Until every slot generates or is empty: refill the slots whose episode ended, make the calls
         of the calling episodes (concurrently), and prefill prompts or replies. Returns the rows whose
@@ -735,7 +726,7 @@ class FastEngine:
             if not jobs:
                 return changed
             stats.segments += 1
-            for row, token, lp in self._prefill(jobs, env, keys, windows, temperature, top_p):
+            for row, token, lp in self._prefill(jobs, env, keys, temperature, top_p):
                 s = slots[row]
                 s.pos = next(j[3] + len(j[2]) for j in jobs if j[0] == row)
                 s.token = token
@@ -800,18 +791,6 @@ def _bucket_width(n: int) -> int:
     return _round_up(n, max(16, _pow2_at_least(n) // 16))
 
 
-def _padded_windows(chunks: list[list[int]]) -> list[list[int]]:
-    """Forced-window chunks padded with 0 to one width (at least 1): a (rows, width) table."""
-    width = max(1, max(len(c) for c in chunks))
-    return [c + [0] * (width - len(c)) for c in chunks]
-
-
-def _window_at(windows: list[Window], count: int) -> tuple[int, list[int], int]:
-    """The forced window in force at token index `count` (or the next one), and the count at which
-    the device stops: the window's end if its stop string freezes the row there anyway (so the host
-    knows), else where the host must load the window after it."""
-    for k, (start, chunk, closes) in enumerate(windows):
-        if start + len(chunk) > count:
-            stop = start + len(chunk) if closes else windows[k + 1][0] if k + 1 < len(windows) else _NEVER
-            return start, chunk, stop
-    return _NEVER, [], _NEVER
+def _next_closing(closing: list[int], count: int) -> int:
+    """The first count after `count` at which a forced chunk freezes the row (`_NEVER` if none)."""
+    return next((end for end in closing if end > count), _NEVER)

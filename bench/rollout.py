@@ -80,8 +80,7 @@ def pure_decode(engine: FastEngine, batch: int, prompt: int, new: int) -> float:
     engine.pos.fill_(kv)
     engine.count.zero_()
     engine.stop_at.fill_(1 << 40)
-    engine.win_start.fill_(1 << 40)
-    engine.win_len.zero_()
+    engine.forced_ids.fill_(-1)
     engine.tok.random_(0, 400)
     eos, stops = engine.eos.clone(), engine.stops
     engine.eos.zero_()  # keep every row active for the timing

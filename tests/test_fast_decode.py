@@ -141,17 +141,23 @@ def test_device_stops_are_only_a_speed_hint():
     assert [(e.response_ids, e.end_reason) for e in env.episodes] == ref
 
 
-def test_forced_window_buffers_keep_their_address_across_phases():
-    """CUDA graphs record addresses: a buffer a graph reads must never be reallocated."""
+def test_each_phase_loads_its_forced_schedule_into_the_same_buffer():
+    """CUDA graphs record addresses: the forced-id table is rewritten in place, and a phase with
+    another schedule still equals the simple path's."""
     tok = tiny_tokenizer()
     model = tiny_model(len(tok))
     env = make_env(tok, 70)
-    forced = ForcedSchedule.calls_then_answer(tok, "Geo-Expert", [3, 25], 45)  # two window widths
     engine = FastEngine(model, tok, slots=2, max_len=256, burst=4, bucket=32)
-    run_rollouts(model, env, EXAMPLES, 0.0, 1.0, 0, 0, tok.pad_token_id, forced=forced, engine=engine)
-    first = {w: t.data_ptr() for w, t in engine.win_buffers.items()}
-    run_rollouts(model, env, EXAMPLES, 0.0, 1.0, 0, 1, tok.pad_token_id, forced=forced, engine=engine)
-    assert len(first) >= 2 and {w: t.data_ptr() for w, t in engine.win_buffers.items()} == first
+    run_rollouts(model, env, EXAMPLES, 0.0, 1.0, 0, 0, tok.pad_token_id, engine=engine,
+                 forced=ForcedSchedule.calls_then_answer(tok, "Geo-Expert", [3, 25], 45))
+    address = engine.forced_ids.data_ptr()
+    other = ForcedSchedule.calls_then_answer(tok, "Geo-Expert", [9], 30)
+    results = []
+    for use in (None, engine):
+        run_rollouts(model, env, EXAMPLES, 0.0, 1.0, 0, 1, tok.pad_token_id, forced=other, engine=use)
+        results.append([(e.response_ids, e.inserted, e.end_reason) for e in env.episodes])
+    assert results[0] == results[1] and engine.forced_ids.data_ptr() == address
+    assert all(len(e.calls) == 1 for e in env.episodes)
 
 
 def test_a_reused_engine_starts_each_phase_afresh():
@@ -190,8 +196,7 @@ def test_sampled_logprobs_match_a_teacher_forced_forward_and_do_not_depend_on_sl
 
 def _choose(logits, temperature, top_p, key, count):
     one = torch.ones(logits.shape[0], dtype=torch.long)
-    never = torch.full_like(one, 1 << 40)
-    return choose_tokens(logits, temperature, top_p, key * one, count, never, 0 * one, one[:, None])
+    return choose_tokens(logits, temperature, top_p, key * one, count, torch.full((1,), -1))
 
 
 def test_keyed_sampler_frequencies_match_the_tempered_distribution():
@@ -248,6 +253,69 @@ def test_split_kv_attention_kernel_equals_softmax_attention_over_each_rows_lengt
             torch.testing.assert_close(got[n], expected[:, 0], atol=1e-5, rtol=1e-5)
 
 
+
+def _rope_case(heads, kv_heads, dim, dtype, positions=(0, 16, 31, 43, 46, 63), T=64):
+    """One decode step's inputs: unrotated q, k and v as slices of one fused QKV output (strided
+    views), random caches, RoPE rows of each position (in `dtype`) and the rotation in float32."""
+    g = torch.Generator().manual_seed(heads + dim)
+    N, positions = len(positions), torch.tensor(positions)
+    qkv = torch.randn(N, (heads + 2 * kv_heads) * dim, generator=g).to(dtype)
+    q, k, v = (t.unflatten(-1, (-1, dim)) for t in qkv.split([heads * dim] + [kv_heads * dim] * 2, -1))
+    k_cache, v_cache = (torch.randn(N, kv_heads, T, dim, generator=g).to(dtype) for _ in range(2))
+    angles = positions[:, None] / 10000 ** (torch.arange(0, dim, 2) / dim)
+    cos, sin = torch.cat([angles] * 2, -1).cos().to(dtype), torch.cat([angles] * 2, -1).sin().to(dtype)
+
+    def rope(x):
+        x, half = x.float(), dim // 2
+        rotated_half = torch.cat((-x[..., half:], x[..., :half]), -1)
+        return (x * cos[:, None].float() + rotated_half * sin[:, None].float()).to(dtype)
+
+    return q, k, v, k_cache, v_cache, positions, cos, sin, rope
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(14, 2, 16), (16, 2, 32), (4, 4, 16)])
+def test_split_kv_attention_with_rope_equals_rope_then_cache_write_then_attention(interpreted_triton, heads,
+                                                                                  kv_heads, dim):
+    """kv_len 44 in 3 splits of 16 keys (or one of 48): the new key at 0 (no cached key), 16 (alone
+    in its split), 31, 43 (the last attended); 46 and 63 >= kv_len are written but not attended,
+    46 though inside a split's range."""
+    q, k, v, k_cache, v_cache, positions, cos, sin, rope = _rope_case(heads, kv_heads, dim, torch.float32)
+    rows = torch.arange(len(positions))
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    k_ref[rows, :, positions], v_ref[rows, :, positions] = rope(k), v
+    for splits in (1, 3):
+        k_got, v_got = k_cache.clone(), v_cache.clone()
+        got = interpreted_triton.decode_attention(q, k_got, v_got, positions, 44, splits=splits, block=16,
+                                                  k_new=k, v_new=v, cos=cos, sin=sin)
+        expected = interpreted_triton.decode_attention(rope(q).contiguous(), k_ref, v_ref, positions, 44,
+                                                       splits=splits, block=16)
+        assert torch.equal(k_got, k_ref) and torch.equal(v_got, v_ref)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_split_kv_attention_with_rope_writes_bf16_caches_to_rounding(interpreted_triton):
+    """bf16 q, k, v and RoPE rows: the rotated key is written to within one bf16 step (the CPU
+    interpreter truncates where the GPU rounds to nearest). The outputs are not compared: the
+    interpreter's tl.dot multiplies bf16 bit patterns as integers."""
+    q, k, v, k_cache, v_cache, positions, cos, sin, rope = _rope_case(14, 2, 16, torch.bfloat16)
+    rows = torch.arange(len(positions))
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    k_ref[rows, :, positions], v_ref[rows, :, positions] = rope(k), v
+    interpreted_triton.decode_attention(q, k_cache, v_cache, positions, 44, splits=3, block=16,
+                                        k_new=k, v_new=v, cos=cos, sin=sin)
+    torch.testing.assert_close(k_cache, k_ref, atol=0, rtol=2 ** -7)
+    assert torch.equal(v_cache, v_ref)
+
+
+def test_split_kv_attention_takes_the_new_key_value_and_rope_rows_all_or_none(interpreted_triton):
+    q, k, v, k_cache, v_cache, positions, cos, sin, _ = _rope_case(4, 4, 16, torch.float32)
+    with pytest.raises(ValueError, match="all or none"):
+        interpreted_triton.decode_attention(q, k_cache, v_cache, positions, 44, k_new=k, v_new=v, cos=cos)
+    with pytest.raises(ValueError, match="contiguous"):
+        interpreted_triton.decode_attention(q, k_cache, v_cache, positions, 44, k_new=k, v_new=v, cos=cos,
+                                            sin=torch.cat([sin] * 2, -1)[:, ::2])
+
+
 def test_keyed_uniform_is_uniform_and_keyed():
     u = keyed_uniform(torch.full((20000,), 99), torch.arange(20000))
     assert 0 < float(u.min()) and float(u.max()) < 1
@@ -255,13 +323,12 @@ def test_keyed_uniform_is_uniform_and_keyed():
     assert not torch.equal(u[:100], keyed_uniform(torch.full((100,), 98), torch.arange(100)))
 
 
-def test_forced_window_overrides_only_the_tokens_inside_it():
+def test_forced_ids_override_only_their_counts():
     logits = torch.randn(3, 9)
-    keys, counts = torch.zeros(3, dtype=torch.long), torch.tensor([4, 5, 9])  # window covers counts 5 and 6
-    free, free_lp = choose_tokens(logits, 0.5, 1.0, keys, counts, torch.full((3,), 99), torch.zeros(3, dtype=torch.long),
-                                  torch.tensor([[7, 8]] * 3))
-    tokens, logp = choose_tokens(logits, 0.5, 1.0, keys, counts, torch.tensor([5, 5, 5]), torch.tensor([2, 2, 2]),
-                                 torch.tensor([[7, 8]] * 3))
+    keys, counts = torch.zeros(3, dtype=torch.long), torch.tensor([4, 5, 9])
+    forced_ids = torch.tensor([-1] * 5 + [7, 8, -1])  # counts 5 and 6 forced; count 9 is past the table
+    free, free_lp = choose_tokens(logits, 0.5, 1.0, keys, counts, torch.full((8,), -1))
+    tokens, logp = choose_tokens(logits, 0.5, 1.0, keys, counts, forced_ids)
     assert tokens.tolist() == [int(free[0]), 7, int(free[2])]
     assert float(logp[1]) == pytest.approx(float(torch.log_softmax(logits[1] / 0.5, -1)[7]), abs=1e-6)
     assert logp[0] == free_lp[0] and logp[2] == free_lp[2]
