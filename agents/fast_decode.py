@@ -48,22 +48,29 @@ def keyed_uniform(keys: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return (((x << 21) | (y >> 11)).double() + 0.5) / float(1 << 53)
 
 
-def invert_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 1024) -> torch.Tensor:
-    """Per row of probs (R, V): the first index whose cumulative mass (float64) exceeds u * total,
-    i.e. an exact sample for u ~ U(0, 1). Found in two levels, the block of `block` tokens whose
-    running mass crosses the target and then the token inside it, so no scan runs over the whole
-    vocabulary (a 150k-long float64 cumsum per row is the slowest kernel of a decode step)."""
-    R, V = probs.shape
+def sample_scores(scores: torch.Tensor, u: torch.Tensor, block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of scores (R, V), log-probabilities up to a constant (-inf: never chosen): the first
+    index whose cumulative mass exceeds u * total, an exact sample of softmax(scores) for u ~ U(0, 1),
+    and log Z = logsumexp(scores). One pass over the row gives each block of `block` entries its
+    maximum and sum of exp(score - maximum), hence the blocks' masses (float64) and log Z; the
+    sample is then the block whose running mass crosses the target, and the entry inside it whose
+    running mass (scaled to that block's) crosses the remainder. No scan runs over the whole
+    vocabulary (a 150k-long cumulative sum per row is the slowest kernel of a decode step)."""
+    R, V = scores.shape
     K = -(-V // block)
-    p = F.pad(probs, (0, K * block - V)).view(R, K, block)
-    mass = p.sum(-1, dtype=torch.float64)  # (R, K)
+    blocks = F.pad(scores, (0, K * block - V), value=float("-inf")).view(R, K, block)
+    top = blocks.amax(-1).clamp(min=torch.finfo(scores.dtype).min)  # (R, K); an all -inf block adds nothing
+    within = (blocks - top[..., None]).exp()
+    row_max = top.amax(-1, keepdim=True)
+    mass = within.sum(-1).double() * (top - row_max).double().exp()  # (R, K)
     cum = mass.cumsum(-1)
-    target = (u * cum[:, -1])[:, None]
-    k = torch.searchsorted(cum, target, right=True).clamp(max=K - 1)  # (R, 1)
-    rest = target - (cum.gather(-1, k) - mass.gather(-1, k))
-    inner = p.gather(1, k[:, :, None].expand(R, 1, block))[:, 0].cumsum(-1, dtype=torch.float64)
-    j = torch.searchsorted(inner, rest, right=True).clamp(max=block - 1)
-    return (k * block + j)[:, 0].clamp(max=V - 1)
+    total = cum[:, -1:]
+    log_z = (row_max + total.log()).squeeze(-1).to(scores.dtype)
+    k = torch.searchsorted(cum, u[:, None] * total, right=True).clamp(max=K - 1)  # (R, 1)
+    share = (u[:, None] * total - (cum.gather(-1, k) - mass.gather(-1, k))) / mass.gather(-1, k)  # in [0, 1)
+    inner = within.gather(1, k[:, :, None].expand(R, 1, block))[:, 0].cumsum(-1, dtype=torch.float64)
+    j = torch.searchsorted(inner, share * inner[:, -1:], right=True).clamp(max=block - 1)
+    return (k * block + j)[:, 0].clamp(max=V - 1), log_z
 
 
 def choose_tokens(logits: torch.Tensor, temperature: float, top_p: float, keys: torch.Tensor,
@@ -71,34 +78,32 @@ def choose_tokens(logits: torch.Tensor, temperature: float, top_p: float, keys: 
     """The next token of each row (R, V) and its log-probability, as `sample_tokens` defines them.
 
     T = 0 is greedy. Otherwise an exact sample of softmax(logits / T) over the top-p nucleus (the
-    same nucleus rule as `sample_tokens`) by inverting its CDF (float64 cumulative sums) at one
-    keyed uniform per row; the log-prob is under that renormalised distribution. A row whose token
+    same nucleus rule as `sample_tokens`) by inverting its CDF (`sample_scores`) at one keyed
+    uniform per row; the log-prob is under that renormalised distribution. A row whose token
     index `count` has a forced id (`forced_ids[count] >= 0`; counts past the table's end have none)
     writes it instead, with log softmax(logits / T)[token] (T = 1 if greedy).
     """
     lf = logits.float()
     scaled = lf / temperature if temperature else lf  # the forced tokens' distribution is softmax(scaled)
-    log_z = torch.logsumexp(scaled, -1, keepdim=True)
     if temperature == 0:
+        log_z = torch.logsumexp(scaled, -1)
         tokens = lf.argmax(-1)
-        lp = (scaled.gather(-1, tokens[:, None]) - log_z).squeeze(-1)
+        lp = scaled.gather(-1, tokens[:, None]).squeeze(-1) - log_z
+    elif top_p < 1.0:
+        log_z = torch.logsumexp(scaled, -1)
+        sorted_lp, order = (scaled - log_z[:, None]).sort(-1, descending=True)
+        sorted_p = sorted_lp.exp()
+        keep = (sorted_p.cumsum(-1) - sorted_p) < top_p  # the token that crosses top_p is kept
+        at, log_z_p = sample_scores(sorted_lp.masked_fill(~keep, float("-inf")), keyed_uniform(keys, counts))
+        tokens = order.gather(-1, at[:, None]).squeeze(-1)
+        lp = sorted_lp.gather(-1, at[:, None]).squeeze(-1) - log_z_p
     else:
-        u = keyed_uniform(keys, counts)
-        if top_p < 1.0:
-            sorted_lp, order = (scaled - log_z).sort(-1, descending=True)
-            sorted_p = sorted_lp.exp()
-            keep = (sorted_p.cumsum(-1) - sorted_p) < top_p  # the token that crosses top_p is kept
-            at = invert_cdf(sorted_p * keep, u)[:, None]
-            tokens = order.gather(-1, at).squeeze(-1)
-            log_z_p = torch.logsumexp(sorted_lp.masked_fill(~keep, float("-inf")), -1)
-            lp = sorted_lp.gather(-1, at).squeeze(-1) - log_z_p
-        else:
-            tokens = invert_cdf((scaled - log_z).exp(), u)
-            lp = (scaled.gather(-1, tokens[:, None]) - log_z).squeeze(-1)
+        tokens, log_z = sample_scores(scaled, keyed_uniform(keys, counts))
+        lp = scaled.gather(-1, tokens[:, None]).squeeze(-1) - log_z
     forced_tokens = torch.where(counts < forced_ids.shape[0], forced_ids[counts.clamp(max=forced_ids.shape[0] - 1)], -1)
     forced = forced_tokens >= 0
     forced_tokens = forced_tokens.clamp(min=0)
-    forced_lp = (scaled.gather(-1, forced_tokens[:, None]) - log_z).squeeze(-1)
+    forced_lp = scaled.gather(-1, forced_tokens[:, None]).squeeze(-1) - log_z
     return torch.where(forced, forced_tokens, tokens), torch.where(forced, forced_lp, lp)
 
 
@@ -429,6 +434,11 @@ class FastEngine:
         self.out_tok = torch.zeros(B, burst, dtype=torch.long, device=dev)
         self.out_lp = torch.zeros(B, burst, dtype=torch.float, device=dev)
         self.out_valid = torch.zeros(B, burst, dtype=torch.bool, device=dev)
+        # two pinned host copies of a burst's outputs: one in flight while the host reads the other
+        outputs = (self.out_tok, self.out_lp, self.out_valid, self.active)
+        self.host_out = [[torch.empty(t.shape, dtype=t.dtype, pin_memory=self.use_graphs) for t in outputs]
+                         for _ in range(2)]
+        self.launches = 0
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.prefill_graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor]]] = {}
         self.prefill_out = torch.zeros(B, vocab, dtype=self.net.dtype, device=dev) if self.use_graphs else None
@@ -559,7 +569,8 @@ class FastEngine:
         out = (self.out_tok, self.out_lp, self.out_valid, self.active)
         if not self.use_graphs:
             return Burst([t.clone() for t in out], None, list(self.epoch))
-        host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in out]
+        self.launches += 1
+        host = self.host_out[self.launches % 2]  # the burst read last used the other set
         for h, t in zip(host, out):
             h.copy_(t, non_blocking=True)
         done = torch.cuda.Event()
