@@ -447,9 +447,11 @@ class FastEngine:
         # making the calls and inserting the replies, within prefill; upload: host state to the device
         # and launching a burst; decode: waiting for a burst's tokens; env: pushing them; capture:
         # graphs of new shapes, inside prefill or upload), the decode steps run, plain and times their
-        # cache length, the bursts in which no row decoded, and the graphs captured
+        # cache length, the bursts in which no row decoded, the graphs captured, and the episodes ended
+        # for lack of cache room (`_out_of_room`)
         self.timings = dict.fromkeys(("prefill_s", "calls_s", "upload_s", "decode_s", "env_s", "capture_s",
-                                      "decode_steps", "decode_kv_steps", "idle_bursts", "captures"), 0.0)
+                                      "decode_steps", "decode_kv_steps", "idle_bursts", "captures", "out_of_room"),
+                                     0.0)
 
     def load_weights(self, model) -> None:
         """Refresh the engine's weights from `model` (the same architecture), e.g. after an update."""
@@ -542,7 +544,6 @@ class FastEngine:
         for r in rows:
             s = slots[r]
             ep = env.episodes[s.episode] if s.episode is not None else None
-            self._check_room(s)
             running = ep is not None and ep.state == GENERATING
             count = ep.policy_tokens if ep is not None else 0
             self.row_stops[r] = min(limit, _next_closing(self.closing, count))
@@ -555,10 +556,14 @@ class FastEngine:
             buf = getattr(self, name)
             buf[idx] = columns[:, k].to(buf.dtype)
 
-    def _check_room(self, s: Slot) -> None:
-        if s.episode is not None and s.pos >= self.max_len:
-            raise ValueError(f"episode {s.episode} reached position {s.pos}, past the engine's max_len={self.max_len} "
-                             "(raise rollout.engine_max_len)")
+    def _out_of_room(self, episode, needed: int) -> None:
+        """End an episode that needs more cache positions than the engine has (reason "context"):
+        a too-small `max_len` costs that episode, never the run."""
+        if not self.timings["out_of_room"]:
+            log.warning("an episode needs %d cache positions, past the engine's max_len=%d: ended there (raise "
+                        "rollout.engine_max_len)", needed, self.max_len)
+        self.timings["out_of_room"] += 1
+        episode.truncate("context")
 
     def _launch(self, kv_len: int, temperature: float, top_p: float) -> Burst:
         """Start a burst of `burst` steps for every row and the copy of its tokens to the host; returns
@@ -628,9 +633,6 @@ class FastEngine:
             ids = torch.zeros(n, width, dtype=torch.long)
             positions = torch.full((n, width), self.net.scratch, dtype=torch.long)
             for r, (_, _, seq, start) in enumerate(group):
-                if start + len(seq) > self.max_len:
-                    raise ValueError(f"an episode needs {start + len(seq)} cache positions, past the engine's "
-                                     f"max_len={self.max_len} (raise rollout.engine_max_len)")
                 ids[r, :len(seq)] = torch.tensor(seq)
                 positions[r, :len(seq)] = torch.arange(start, start + len(seq))
             rows = torch.tensor([j[0] for j in group] + [group[0][0]] * (n - len(group)))
@@ -736,6 +738,12 @@ class FastEngine:
                     jobs.append((slots.index(s), s, [s.token] + inserted.get(s.episode, []), s.pos))
             if not jobs:
                 return changed
+            for job in [j for j in jobs if j[3] + len(j[2]) > self.max_len]:  # the slot is refilled next round
+                self._out_of_room(env.episodes[job[1].episode], job[3] + len(job[2]))
+                jobs.remove(job)
+                changed.add(job[0])
+            if not jobs:
+                continue
             stats.segments += 1
             for row, token, lp in self._prefill(jobs, env, keys, temperature, top_p):
                 s = slots[row]
@@ -764,7 +772,8 @@ class FastEngine:
                     break  # a row the env stopped first decodes on until its upload, into cache it overwrites
                 s.token, s.pos = tok[row][j], s.pos + 1
                 accept(s, s.token, lp[row][j])
-            self._check_room(s)
+            if ep.state == GENERATING and s.pos >= self.max_len:
+                self._out_of_room(ep, s.pos + 1)
             if ep.state == GENERATING and not active[row]:
                 wake.add(row)
         self.timings["decode_s"] += t1 - t0

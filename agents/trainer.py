@@ -30,6 +30,7 @@ from agents.losses import agg_loss, kl_loss, policy_loss, step_denominator, valu
 from agents.policy import (build_critic, build_reference, chunked_sequence_logprobs, compile_layers,
                            sequence_logprobs, sequence_values)
 from agents.rollout import ForcedSchedule, run_rollouts
+from envs.prompts import build_prompt, prompt_token_ids
 from envs.vector import MultiRouteVectorEnv
 from rewards import compute_reward, make_cost_normalizer
 
@@ -168,12 +169,13 @@ class Trainer:
         return self.fast
 
     def _longest_episode(self) -> int:
-        """A bound on an episode's tokens: the prompt of the longest question (by characters) among
-        the train and test sets, the policy's token limit, and every allowed reply with its tags."""
+        """A bound on an episode's tokens: the longest prompt of the train and test sets, the policy's
+        token limit, and every allowed reply with its tags. An episode that still runs past it ends
+        there (`FastEngine`), with a warning."""
         e = self.cfg.episode
-        questions = sorted(list(self.task.train) + list(self.task.test), key=lambda ex: len(str(ex["question"])))
-        env = MultiRouteVectorEnv(self.tokenizer, self.task.pool, e, self.reward_fn)
-        prompt = max(len(ids) for ids in env.reset(questions[-8:]))
+        prompts = [build_prompt(str(ex["question"]), self.task.pool.specs, e.prompt_template, e.max_turns)
+                   for ex in list(self.task.train) + list(self.task.test)]
+        prompt = max(map(len, prompt_token_ids(self.tokenizer, prompts)))
         return prompt + e.max_response_tokens + (e.max_turns + 1) * (e.max_info_tokens + 32)
 
     # ------------------------------------------------------------ one RL step

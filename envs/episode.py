@@ -146,6 +146,12 @@ class Episode:
             n += 1
         return n
 
+    def truncate(self, reason: str) -> None:
+        """End the episode now, whatever it was doing (e.g. a decoder has no room left for it); its
+        reward is that of the text so far."""
+        self.pending = None
+        self._end(reason)
+
     def _parse(self, content: str) -> Call | str:
         if self.turns > self.cfg.max_turns:
             return NO_CALLS_LEFT

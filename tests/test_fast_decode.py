@@ -141,6 +141,26 @@ def test_device_stops_are_only_a_speed_hint():
     assert [(e.response_ids, e.end_reason) for e in env.episodes] == ref
 
 
+@pytest.mark.parametrize("max_len", [32, 60, 135])
+def test_an_episode_past_the_cache_ends_there_and_the_phase_goes_on(max_len, caplog):
+    """Prompts of 22-41 tokens and 102 response tokens: a prompt longer than the cache (32), replies
+    (60) and decoding (32) that run past it. Those episodes end (reason "context") with what they
+    had so far; the others (135: all but the longest prompt's) are unchanged."""
+    tok = tiny_tokenizer()
+    model, env = tiny_model(len(tok)), make_env(tok, 70)
+    forced = ForcedSchedule.calls_then_answer(tok, "Geo-Expert", [3, 25], 45)
+    run_rollouts(model, env, EXAMPLES, 0.0, 1.0, 0, 0, tok.pad_token_id, forced=forced)
+    ref = [e.response_ids for e in env.episodes]
+    engine = FastEngine(model, tok, slots=2, max_len=max_len, burst=4, bucket=32)
+    with caplog.at_level("WARNING", logger="routerl"):
+        run_rollouts(model, env, EXAMPLES, 0.0, 1.0, 0, 0, tok.pad_token_id, forced=forced, engine=engine)
+    ended = [e.end_reason == "context" for e in env.episodes]
+    assert any(ended) and sum(ended) == engine.timings["out_of_room"] and (max_len < 100 or not all(ended))
+    assert "raise rollout.engine_max_len" in caplog.text
+    for e, r, cut in zip(env.episodes, ref, ended):
+        assert e.response_ids == (r[:len(e.response_ids)] if cut else r)
+
+
 def test_each_phase_loads_its_forced_schedule_into_the_same_buffer():
     """CUDA graphs record addresses: the forced-id table is rewritten in place, and a phase with
     another schedule still equals the simple path's."""
