@@ -557,8 +557,8 @@ class FastEngine:
             buf[idx] = columns[:, k].to(buf.dtype)
 
     def _out_of_room(self, episode, needed: int) -> None:
-        """End an episode that needs more cache positions than the engine has (reason "context"):
-        a too-small `max_len` costs that episode, never the run."""
+        """End an episode whose reply or decoding needs more cache positions than the engine has
+        (reason "context"): a too-small `max_len` costs that episode, never the run."""
         if not self.timings["out_of_room"]:
             log.warning("an episode needs %d cache positions, past the engine's max_len=%d: ended there (raise "
                         "rollout.engine_max_len)", needed, self.max_len)
@@ -739,6 +739,9 @@ class FastEngine:
             if not jobs:
                 return changed
             for job in [j for j in jobs if j[3] + len(j[2]) > self.max_len]:  # the slot is refilled next round
+                if job[3] == 0:  # a prompt: nothing to train on, a setting to fix
+                    raise ValueError(f"a prompt of {len(job[2])} tokens does not fit the engine's max_len="
+                                     f"{self.max_len} (raise rollout.engine_max_len)")
                 self._out_of_room(env.episodes[job[1].episode], job[3] + len(job[2]))
                 jobs.remove(job)
                 changed.add(job[0])

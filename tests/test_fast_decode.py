@@ -141,11 +141,11 @@ def test_device_stops_are_only_a_speed_hint():
     assert [(e.response_ids, e.end_reason) for e in env.episodes] == ref
 
 
-@pytest.mark.parametrize("max_len", [32, 60, 135])
+@pytest.mark.parametrize("max_len", [45, 60, 135])
 def test_an_episode_past_the_cache_ends_there_and_the_phase_goes_on(max_len, caplog):
-    """Prompts of 22-41 tokens and 102 response tokens: a prompt longer than the cache (32), replies
-    (60) and decoding (32) that run past it. Those episodes end (reason "context") with what they
-    had so far; the others (135: all but the longest prompt's) are unchanged."""
+    """Prompts of 22-41 tokens and 102 response tokens: decoding (45) and replies (60) that run past
+    the cache. Those episodes end (reason "context") with what they had so far; the others (135: all
+    but the longest prompt's) are unchanged. A prompt longer than the cache is a setting to fix."""
     tok = tiny_tokenizer()
     model, env = tiny_model(len(tok)), make_env(tok, 70)
     forced = ForcedSchedule.calls_then_answer(tok, "Geo-Expert", [3, 25], 45)
@@ -158,7 +158,10 @@ def test_an_episode_past_the_cache_ends_there_and_the_phase_goes_on(max_len, cap
     assert any(ended) and sum(ended) == engine.timings["out_of_room"] and (max_len < 100 or not all(ended))
     assert "raise rollout.engine_max_len" in caplog.text
     for e, r, cut in zip(env.episodes, ref, ended):
-        assert e.response_ids == (r[:len(e.response_ids)] if cut else r)
+        assert e.response_ids == (r[:len(e.response_ids)] if cut else r) and e.policy_tokens > 0
+    with pytest.raises(ValueError, match="a prompt of 41 tokens does not fit the engine's max_len=40"):
+        run_rollouts(model, env, EXAMPLES, 0.0, 1.0, 0, 0, tok.pad_token_id, forced=forced,
+                     engine=FastEngine(model, tok, slots=2, max_len=40, burst=4, bucket=32))
 
 
 def test_each_phase_loads_its_forced_schedule_into_the_same_buffer():
