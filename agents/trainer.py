@@ -30,7 +30,7 @@ from agents.losses import agg_loss, kl_loss, policy_loss, step_denominator, valu
 from agents.policy import (build_critic, build_reference, chunked_sequence_logprobs, compile_layers,
                            sequence_logprobs, sequence_values)
 from agents.rollout import ForcedSchedule, run_rollouts
-from envs.prompts import build_prompt, prompt_token_ids
+from envs.env import episode_prompts
 from envs.vector import MultiRouteVectorEnv
 from rewards import compute_reward, make_cost_normalizer
 
@@ -173,9 +173,8 @@ class Trainer:
         token limit, and every allowed reply with its tags. An episode that still runs past it ends
         there (`FastEngine`), with a warning."""
         e = self.cfg.episode
-        prompts = [build_prompt(str(ex["question"]), self.task.pool.specs, e.prompt_template, e.max_turns)
-                   for ex in list(self.task.train) + list(self.task.test)]
-        prompt = max(map(len, prompt_token_ids(self.tokenizer, prompts)))
+        questions = [str(ex["question"]) for ex in list(self.task.train) + list(self.task.test)]
+        prompt = max(map(len, episode_prompts(questions, self.tokenizer, self.task.pool, e)))
         return prompt + e.max_response_tokens + (e.max_turns + 1) * (e.max_info_tokens + 32)
 
     # ------------------------------------------------------------ one RL step

@@ -30,9 +30,14 @@ def make_episodes(examples: Sequence[Any], tokenizer, pool: CandidatePool, cfg: 
         if not golden or not all(isinstance(g, str) for g in golden):
             raise ValueError(f"example {i} needs a non-empty list of 'golden_answers' strings, got {golden!r}")
         questions.append(question), goldens.append(list(golden))
-    prompts = [build_prompt(q, pool.specs, cfg.prompt_template, cfg.max_turns) for q in questions]
     return [Episode(q, g, ids, tokenizer, pool.names, cfg, eos_ids)
-            for q, g, ids in zip(questions, goldens, prompt_token_ids(tokenizer, prompts))]
+            for q, g, ids in zip(questions, goldens, episode_prompts(questions, tokenizer, pool, cfg))]
+
+
+def episode_prompts(questions: Sequence[str], tokenizer, pool: CandidatePool, cfg: EpisodeConfig) -> list[list[int]]:
+    """The prompt ids an episode of each question starts from, tokenized in one batched call."""
+    return prompt_token_ids(tokenizer, [build_prompt(q, pool.specs, cfg.prompt_template, cfg.max_turns)
+                                        for q in questions])
 
 
 class MultiRouteEnv(gym.Env):
