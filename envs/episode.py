@@ -220,11 +220,10 @@ def insert_replies(episodes: Sequence[Episode], records: Sequence[CallRecord | N
         if len(ids) > limit:  # cut at a token boundary, dropping a split multi-byte character
             body = tokenizer.decode(ids[:limit]).rstrip("\ufffd").rstrip() + " ..."
         texts.append(info_block(body))
-    backend = _backend_tokenizer(tokenizer)
     inserted = encode(texts)
     for e, text, ids in zip(episodes, texts, inserted):
-        for i in ids:  # keep the incremental decoder's context in step; the text is known exactly
-            e._stream.step(backend, i)
+        # the incremental decoder goes on from the inserted ids as its context (the text is known exactly)
+        e._stream = DecodeStream(ids=list(ids), skip_special_tokens=False)
         e.response_ids.extend(ids)
         e.inserted.extend([True] * len(ids))
         e._pieces.append(text)

@@ -9,7 +9,7 @@ import envs  # noqa: F401  (registers MultiRoute-v0)
 from envs import EpisodeConfig, MultiRouteEnv, MultiRouteVectorEnv
 from envs.candidates import CandidatePool, CandidateSpec
 from envs.candidates.simulated import SimulatedBackend
-from tiny import encode, tiny_tag_tokenizer, tiny_tokenizer
+from tiny import encode, tiny_metaspace_tokenizer, tiny_tag_tokenizer, tiny_tokenizer
 
 SPECS = [CandidateSpec("Geo-Expert", "geo", 1, 0.2, description="geography"),
          CandidateSpec("Big-Model", "big", 70, 1.2, description="knows most things")]
@@ -48,6 +48,21 @@ def test_well_formed_episode_gets_the_paper_reward(make_tok):
     assert rewards[-1] == 1.0 and all(r == 0 for r in rewards[:-1])
     assert info["reward"]["format"] == 0.0 and info["raw_cost"] == pytest.approx(2 * 0.2)
     assert info["trajectory"] == tok.decode(env.episode.response_ids)
+
+
+@pytest.mark.parametrize("make_tok", [tiny_tokenizer, tiny_tag_tokenizer, tiny_metaspace_tokenizer])
+def test_text_after_a_reply_decodes_in_the_context_of_the_reply(make_tok):
+    """The policy's text after an <info> block is what the tokenizer decodes in that context: a
+    SentencePiece-style word keeps its leading space, which it would lose at the start of a text."""
+    tok = make_tok()
+    env = MultiRouteEnv(tok, make_pool())
+    env.reset(seed=0, options={"question": "q?", "golden_answers": ["Tessaly"]})
+    drive(env, GOOD, tok)
+    before = list(env.episode.response_ids)
+    drive(env, " Tessaly, as 🙂 北京 says" + ANSWER, tok)
+    ids = env.episode.response_ids
+    tail = tok.decode(ids)[len(tok.decode(before)):]
+    assert tail.startswith(" Tessaly") and env.episode.text.endswith(tail)
 
 
 def test_observation_is_the_appended_ids_so_context_is_rebuilt_exactly():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from bench.common import bpe_tokenizer
@@ -38,6 +39,20 @@ def tiny_tag_tokenizer() -> PreTrainedTokenizerFast:
     tok = tiny_tokenizer()
     tok.add_tokens([f"<{t}>" for t in TAGS] + [f"</{t}>" for t in TAGS])
     return tok
+
+
+def tiny_metaspace_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A SentencePiece-style BPE (Metaspace: a word's leading space is part of its token, and dropped
+    when it starts the decoded text), with byte fallback so any text round-trips."""
+    tok = Tokenizer(models.BPE(byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Sequence([decoders.Metaspace(), decoders.ByteFallback(), decoders.Fuse()])
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size + 256, special_tokens=["<pad>", "</s>", *byte_tokens],
+                                  show_progress=False)
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                   clean_up_tokenization_spaces=False)
 
 
 def encode(tok, text: str) -> list[int]:
