@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from agents import decode_attention
 from agents.rollout import ForcedSchedule, RolloutStats, episode_seed
-from envs.episode import GENERATING, eos_token_ids
+from envs.episode import CALLING, GENERATING, eos_token_ids
 from envs.tags import STOP_STRINGS
 from envs.vector import MultiRouteVectorEnv
 
@@ -377,12 +377,14 @@ def advance_rows(nxt: torch.Tensor, active: torch.Tensor, tails: torch.Tensor, t
 
 @dataclass
 class Slot:
-    """Host view of one cache row: its episode, the last chosen token (not yet in the cache) and
-    that token's position."""
+    """Host view of one cache row: its episode, its last token (not yet in the cache) and that
+    token's position, and whether its text starts anew (a prompt, or a reply just inserted) at the
+    next upload."""
 
     episode: int | None = None
     token: int = 0
     pos: int = 0
+    restart: bool = False
 
 
 class FastEngine:
@@ -441,7 +443,6 @@ class FastEngine:
         self.launches = 0
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.prefill_graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor]]] = {}
-        self.prefill_out = torch.zeros(B, vocab, dtype=self.net.dtype, device=dev) if self.use_graphs else None
         self.pool = None
         # wall time of each part of `run` (prefill: settling slots, calls and prefill included; calls:
         # making the calls and inserting the replies, within prefill; upload: host state to the device
@@ -538,11 +539,14 @@ class FastEngine:
 
     def _upload(self, rows: list[int], slots: list[Slot], env: MultiRouteVectorEnv, keys: list[int]) -> None:
         """Write the host's view of the given rows into the device buffers, in stream order (no wait
-        for a burst in flight). The other rows keep the state their bursts advanced."""
+        for a burst in flight). The other rows keep the state their bursts advanced; a row whose
+        text starts anew gets empty tails (the env's tag scanner starts anew there too)."""
         limit = env.cfg.max_response_tokens
         values = []
+        restart = [r for r in rows if slots[r].restart]
         for r in rows:
             s = slots[r]
+            s.restart = False
             ep = env.episodes[s.episode] if s.episode is not None else None
             running = ep is not None and ep.state == GENERATING
             count = ep.policy_tokens if ep is not None else 0
@@ -555,6 +559,8 @@ class FastEngine:
         for k, name in enumerate(("tok", "pos", "count", "active", "stop_at", "key")):
             buf = getattr(self, name)
             buf[idx] = columns[:, k].to(buf.dtype)
+        if restart:
+            self.tails[_to_device(torch.tensor(restart), self.net.device)] = 0
 
     def _out_of_room(self, episode, needed: int) -> None:
         """End an episode whose reply or decoding needs more cache positions than the engine has
@@ -582,71 +588,60 @@ class FastEngine:
         done.record()
         return Burst(host, done, list(self.epoch))
 
-    def _prefill_logits(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, last: torch.Tensor,
-                        kv_len: int) -> torch.Tensor:
-        """Logits (n, V) after appending ids (n, w) at positions into cache rows `rows`, read at column
-        `last` of each row. On GPU one CUDA graph per (n, w, kv_len) bucket: an eager prefill spends
-        most of its time launching kernels when it appends a few dozen reply tokens."""
+    def _append(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, kv_len: int) -> None:
+        """Write the K/V of ids (n, w) at positions into cache rows `rows`. On GPU one CUDA graph per
+        (n, w, kv_len) bucket: an eager prefill spends most of its time launching kernels when it
+        appends a few dozen reply tokens."""
         if not self.use_graphs:
-            hidden = self.net.forward(ids, positions, rows, kv_len)
-            return self.net.logits(hidden[torch.arange(len(rows), device=rows.device), last])
+            self.net.forward(ids, positions, rows, kv_len)
+            return
         key = (*ids.shape, kv_len)
         if key not in self.prefill_graphs:
-            n = ids.shape[0]
-            inputs = [t.clone() for t in (ids, positions, rows, last)]
-
-            def forward() -> None:  # the warm-up writes the same K/V the replay writes
-                hidden = self.net.forward(inputs[0], inputs[1], inputs[2], kv_len)
-                self.prefill_out[:n].copy_(self.net.logits(hidden[torch.arange(n, device=hidden.device), inputs[3]]))
+            inputs = [t.clone() for t in (ids, positions, rows)]
 
             def drop_compiled() -> bool:
                 had = self.net.compiled_prefill is not None
                 self.net.compiled_prefill = self.net.compiled_final = None
                 return had
-            self.prefill_graphs[key] = (self._capture(forward, drop_compiled, "prefill"), inputs)
+            # the warm-up writes the same K/V the replay writes
+            work = lambda: self.net.forward(inputs[0], inputs[1], inputs[2], kv_len)
+            self.prefill_graphs[key] = (self._capture(work, drop_compiled, "prefill"), inputs)
         graph, inputs = self.prefill_graphs[key]
-        for dst, src in zip(inputs, (ids, positions, rows, last)):
+        for dst, src in zip(inputs, (ids, positions, rows)):
             dst.copy_(src)
         graph.replay()
-        return self.prefill_out[:ids.shape[0]]
 
-    def _prefill(self, jobs: list[tuple[int, Slot, list[int], int]], env, keys, temperature: float,
-                 top_p: float) -> list[tuple[int, int, float]]:
+    def _prefill(self, jobs: list[tuple[int, Slot, list[int], int]]) -> None:
         """Append ids into the cache rows of the given slots (prompts, or a last token plus the env's
-        `<info>` ids), then choose each slot's next token. jobs: (row, slot, ids, start position).
-        Groups are padded to a power-of-two row count and a width of `_bucket_width` and their cache
-        length rounded up to `bucket`, so few shapes recur (each is one CUDA graph): padding rows
-        repeat the group's first row, and every padding token sits at the scratch position.
-        Returns (row, token, log-prob) per job."""
-        chosen = []
+        `<info>` ids) but the last, which becomes the slot's token: the next burst decodes it and
+        chooses what follows, so the host waits for nothing here. jobs: (row, slot, ids, start
+        position). Groups are padded to a power-of-two row count and a width of `_bucket_width` and
+        their cache length rounded up to `bucket`, so few shapes recur (each is one CUDA graph):
+        padding rows repeat the group's first row, and every padding token sits at the scratch
+        position."""
+        for row, s, seq, start in jobs:
+            s.token, s.pos, s.restart = seq[-1], start + len(seq) - 1, True
+        jobs = [(row, seq[:-1], start) for row, _, seq, start in jobs if len(seq) > 1]
         dev = self.net.device
         rows_for = lambda n: min(_pow2_at_least(n), self.net.slots)
         i = 0
         while i < len(jobs):  # groups of at most `prefill_tokens` padded tokens
-            group = [jobs[i]]
+            group, longest = [jobs[i]], len(jobs[i][1])
             i += 1
-            while (i < len(jobs) and rows_for(len(group) + 1)
-                   * _bucket_width(max(len(j[2]) for j in group + [jobs[i]])) <= self.prefill_tokens):
+            while i < len(jobs) and (rows_for(len(group) + 1) * _bucket_width(max(longest, len(jobs[i][1])))
+                                     <= self.prefill_tokens):
+                longest = max(longest, len(jobs[i][1]))
                 group.append(jobs[i])
                 i += 1
-            n, width = rows_for(len(group)), _bucket_width(max(len(j[2]) for j in group))
+            n, width = rows_for(len(group)), _bucket_width(longest)
             ids = torch.zeros(n, width, dtype=torch.long)
             positions = torch.full((n, width), self.net.scratch, dtype=torch.long)
-            for r, (_, _, seq, start) in enumerate(group):
+            for r, (_, seq, start) in enumerate(group):
                 ids[r, :len(seq)] = torch.tensor(seq)
                 positions[r, :len(seq)] = torch.arange(start, start + len(seq))
             rows = torch.tensor([j[0] for j in group] + [group[0][0]] * (n - len(group)))
-            last = torch.tensor([len(j[2]) - 1 for j in group] + [0] * (n - len(group)))
-            kv_len = self.cache_len(max(j[3] + len(j[2]) for j in group))
-            logits = self._prefill_logits(ids.to(dev), positions.to(dev), rows.to(dev), last.to(dev), kv_len)
-            as_dev = lambda v: torch.tensor(v, dtype=torch.long, device=dev)
-            tokens, lps = choose_tokens(logits[:len(group)], temperature, top_p,
-                                        as_dev([keys[s.episode] for _, s, _, _ in group]),
-                                        as_dev([env.episodes[s.episode].policy_tokens for _, s, _, _ in group]),
-                                        self.forced_ids)
-            self.tails[rows[:len(group)].to(dev)] = self.token_codes[tokens]  # the text so far starts anew
-            chosen += [(j[0], t, lp) for j, t, lp in zip(group, tokens.tolist(), lps.tolist())]
-        return chosen
+            kv_len = self.cache_len(max(start + len(seq) for _, seq, start in group))
+            self._append(_to_device(ids, dev), _to_device(positions, dev), _to_device(rows, dev), kv_len)
 
     @torch.no_grad()
     def run(self, env: MultiRouteVectorEnv, examples: list, temperature: float, top_p: float, seed: int,
@@ -669,11 +664,11 @@ class FastEngine:
         waiting = deque(range(n))
         slots = [Slot() for _ in range(self.net.slots)]
 
-        def accept(s: Slot, token: int, lp: float) -> bool:
-            """Push one chosen token of slot s's episode; True while the episode keeps generating."""
+        def accept(s: Slot, token: int, lp: float) -> None:
+            """Push one chosen token of slot s's episode."""
             logps[s.episode].append(lp)
             stats.generated_tokens += 1
-            return env.push(s.episode, token) == GENERATING
+            env.push(s.episode, token)
 
         # A pipeline of one burst: the next burst starts before the host reads the last one's tokens, so
         # the env's work overlaps the device's. A row the device froze (a stop string, EOS, its stop
@@ -682,7 +677,7 @@ class FastEngine:
         wake = set(range(len(slots)))  # rows to upload even if unchanged: all at first (state left by others)
         while True:
             t0 = time.perf_counter()
-            rows = self._settle(slots, env, waiting, keys, temperature, top_p, accept, stats) | wake
+            rows = self._settle(slots, env, waiting, stats) | wake
             wake = set()
             t1 = time.perf_counter()
             if rows:
@@ -712,8 +707,7 @@ class FastEngine:
         lag = lambda r: 0 if r in uploaded else self.burst
         return any(env.episodes[slots[r].episode].policy_tokens + lag(r) < self.row_stops[r] for r in running)
 
-    def _settle(self, slots: list[Slot], env, waiting: deque, keys, temperature: float, top_p: float,
-                accept, stats: RolloutStats) -> set[int]:
+    def _settle(self, slots: list[Slot], env, waiting: deque, stats: RolloutStats) -> set[int]:
         """Until every slot generates or is empty: refill the slots whose episode ended, make the calls
         of the calling episodes (concurrently), and prefill prompts or replies. Returns the rows whose
         device state the host changed."""
@@ -728,14 +722,15 @@ class FastEngine:
                     s.episode = waiting.popleft() if waiting else None
                     if s.episode is not None:
                         jobs.append((row, s, list(env.episodes[s.episode].prompt_ids), 0))
-            calling = [s for s in slots if s.episode is not None and env.episodes[s.episode].state != GENERATING
-                       and not env.episodes[s.episode].done]
+            calling = [row for row, s in enumerate(slots)
+                       if s.episode is not None and env.episodes[s.episode].state == CALLING]
             if calling:
                 t0 = time.perf_counter()
                 inserted = env.resolve()  # every calling episode's call, concurrently
                 self.timings["calls_s"] += time.perf_counter() - t0
-                for s in calling:
-                    jobs.append((slots.index(s), s, [s.token] + inserted.get(s.episode, []), s.pos))
+                for row in calling:
+                    s = slots[row]
+                    jobs.append((row, s, [s.token] + inserted.get(s.episode, []), s.pos))
             if not jobs:
                 return changed
             for job in [j for j in jobs if j[3] + len(j[2]) > self.max_len]:  # the slot is refilled next round
@@ -748,12 +743,8 @@ class FastEngine:
             if not jobs:
                 continue
             stats.segments += 1
-            for row, token, lp in self._prefill(jobs, env, keys, temperature, top_p):
-                s = slots[row]
-                s.pos = next(j[3] + len(j[2]) for j in jobs if j[0] == row)
-                s.token = token
-                accept(s, token, lp)  # a chosen token may itself stop its episode: settle again
-                changed.add(row)
+            self._prefill(jobs)
+            changed.update(j[0] for j in jobs)
 
     def _read(self, burst: Burst, slots: list[Slot], env, accept) -> set[int]:
         """Push a finished burst's tokens into the env, row by row, up to the device's or the env's

@@ -117,6 +117,20 @@ def profile_phase(model, env, examples, forced, engine: FastEngine, rows: int = 
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows), flush=True)
 
 
+def profile_host(model, env, examples, forced, engine: FastEngine, rows: int = 30) -> None:
+    """Print the host's Python functions during a whole multi-turn rollout phase (cProfile), by own
+    time and by cumulative time: where the host spends a phase, waits for the device included."""
+    import cProfile
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    run_rollouts(model, env, examples, 1.0, 1.0, 0, 2, 0, forced=forced, engine=engine)
+    torch.cuda.synchronize()
+    prof.disable()
+    for key in ("tottime", "cumulative"):
+        pstats.Stats(prof).sort_stats(key).print_stats(rows)
+
+
 def zero3_rollout(model, engine: FastEngine, env, examples, forced, step: int, expected: list,
                   plain_tok_s: float) -> dict:
     """The rollout phase of sampling step `step` with the policy inside a DeepSpeed ZeRO-3 engine
@@ -144,7 +158,7 @@ def zero3_rollout(model, engine: FastEngine, env, examples, forced, step: int, e
 
 def run_shape(shape: str, batch: int, prompt: int, new: int, bandwidth: float, tok, hf: bool,
               profile: bool = False, zero3: bool = False, burst: int = 8, attention: str = "auto",
-              autotune: bool = False) -> dict:
+              autotune: bool = False, host_profile: bool = False) -> dict:
     torch.manual_seed(0)
     model = random_qwen(shape)
     row = {"shape": shape, "batch": batch, "params_M": n_params(model) / 1e6}
@@ -197,6 +211,8 @@ def run_shape(shape: str, batch: int, prompt: int, new: int, bandwidth: float, t
                e2e_captures=int(tm["captures"]))
     if profile:
         profile_phase(model, env, examples, forced, engine)
+    if host_profile:
+        profile_host(model, env, examples, forced, engine)
     if hf:
         row["x_hf_default"] = row["e2e_tok_s"] / row["hf_default_tok_s"]
         row["x_hf_static"] = row["e2e_tok_s"] / row["hf_static_tok_s"]
@@ -243,6 +259,7 @@ def main() -> None:
     p.add_argument("--no-hf", action="store_true", help="skip the transformers generate baselines")
     p.add_argument("--check", action="store_true", help="first check graphs against the eager path")
     p.add_argument("--profile", action="store_true", help="print the kernels of a decode burst")
+    p.add_argument("--profile-host", action="store_true", help="print the host's Python profile of a phase")
     p.add_argument("--zero3", action="store_true", help="also time the first shape's rollout under DeepSpeed ZeRO-3")
     p.add_argument("--burst", type=int, default=8, help="decode steps per graph replay")
     p.add_argument("--attention", default="auto", choices=("auto", "triton", "matmul"),
@@ -261,7 +278,8 @@ def main() -> None:
     for n, item in enumerate(items):
         shape, batch = item.split(":")
         rows.append(run_shape(shape, int(batch), args.prompt, args.new, bandwidth, tok, not args.no_hf, args.profile,
-                              args.zero3 and n == 0, args.burst, args.attention, args.autotune))
+                              args.zero3 and n == 0, args.burst, args.attention, args.autotune,
+                              args.profile_host))
         print(rows[-1], flush=True)
     cols = ["shape", "batch", "limit_tok_s", "hf_default_tok_s", "hf_static_tok_s", "decode_ms", "decode_tok_s",
             "decode_pct_limit", "e2e_tok_s", "e2e_pct_limit", "e2e_decode_ms", "e2e_occupancy", "e2e_captures",

@@ -223,7 +223,7 @@ def insert_replies(episodes: Sequence[Episode], records: Sequence[CallRecord | N
     inserted = encode(texts)
     for e, text, ids in zip(episodes, texts, inserted):
         # the incremental decoder goes on from the inserted ids as its context (the text is known exactly)
-        e._stream = DecodeStream(ids=list(ids), skip_special_tokens=False)
+        e._stream = DecodeStream(ids=ids[-4:], skip_special_tokens=False)
         e.response_ids.extend(ids)
         e.inserted.extend([True] * len(ids))
         e._pieces.append(text)
