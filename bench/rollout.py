@@ -7,6 +7,7 @@ pure decode and multi-turn end to end, as ratios to the decode limit measured in
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 
 import numpy as np
@@ -50,6 +51,19 @@ def examples_with_prompt(tok, env, n: int, prompt_len: int) -> list[dict]:
         if len(env.reset([ex])[0]) >= prompt_len:
             break
     return [dict(ex, question=f"{i}: " + ex["question"]) for i in range(n)]
+
+
+def gc_timer() -> list[float]:
+    """A one-element list that accumulates the seconds the cyclic garbage collector runs from now on."""
+    spent, start = [0.0], [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            start[0] = time.perf_counter()
+        else:
+            spent[0] += time.perf_counter() - start[0]
+    gc.callbacks.append(on_gc)
+    return spent
 
 
 def decode_limit(model, batch: int, mean_kv: float, bandwidth: float) -> tuple[float, float]:
@@ -188,19 +202,23 @@ def run_shape(shape: str, batch: int, prompt: int, new: int, bandwidth: float, t
         run_rollouts(model, env, examples, 1.0, 1.0, 0, 100 + warm, 0, forced=forced, engine=engine)
         if not engine.timings["captures"]:
             break
-    # timed phases (sampling steps 1, 2, 3): the host's share of a phase varies from run to run, so
-    # the figures are the median phase's, with every phase's time kept
-    phases = []
-    for step in (1, 2, 3):
+    # timed phases (sampling steps 1-7): the host's share of a phase varies from phase to phase and
+    # machine to machine, and a sampled EOS ends an episode early and leaves a straggler, so the
+    # figures are the phase of median tokens/s, with every phase's time, tokens, decode steps and
+    # time in the garbage collector kept
+    phases, gc_spent = [], gc_timer()
+    for step in range(1, 8):
         torch.cuda.synchronize()
-        t = time.perf_counter()
+        t, gc0 = time.perf_counter(), gc_spent[0]
         logps, stats = run_rollouts(model, env, examples, 1.0, 1.0, 0, step, 0, forced=forced, engine=engine)
         torch.cuda.synchronize()
-        phases.append((time.perf_counter() - t, step, stats, dict(engine.timings)))
-    sec, _, stats, tm = sorted(phases, key=lambda p: p[0])[1]
+        phases.append((time.perf_counter() - t, step, stats, dict(engine.timings), gc_spent[0] - gc0))
+    sec, _, stats, tm, _ = sorted(phases, key=lambda p: p[2].generated_tokens / p[0])[len(phases) // 2]
     eps = env.episodes  # the last phase's (the same schedule and counts in every phase)
     row.update(e2e_tok_s=stats.generated_tokens / sec, e2e_pct_limit=100 * stats.generated_tokens / sec / limit,
-               e2e_s=sec, e2e_s_phases=[p[0] for p in phases], calls_per_ep=float(np.mean([len(e.calls) for e in eps])),
+               e2e_s=sec, e2e_s_phases=[p[0] for p in phases],
+               e2e_tokens_phases=[p[2].generated_tokens for p in phases],
+               e2e_steps_phases=[p[3]["decode_steps"] for p in phases], e2e_gc_s_phases=[p[4] for p in phases], calls_per_ep=float(np.mean([len(e.calls) for e in eps])),
                policy_tokens=stats.generated_tokens, inserted_tokens=sum(sum(e.inserted) for e in eps),
                prefill_rounds=stats.segments, graphs=len(engine.graphs) + len(engine.prefill_graphs),
                mem_GB=torch.cuda.max_memory_allocated() / 2**30, timings=tm)
@@ -226,7 +244,8 @@ def run_shape(shape: str, batch: int, prompt: int, new: int, bandwidth: float, t
     d = torch.cat(diffs).float()
     row.update(logp_mismatch_mean=float(d.mean()), logp_mismatch_p99=float(d.quantile(0.99)))
     if zero3:  # last: the model is partitioned from here on
-        row.update(zero3_rollout(model, engine, env, examples, forced, 3, [e.response_ids for e in eps], row["e2e_tok_s"]))
+        row.update(zero3_rollout(model, engine, env, examples, forced, phases[-1][1], [e.response_ids for e in eps],
+                                  row["e2e_tok_s"]))
     del engine, model
     torch.cuda.empty_cache()
     return row

@@ -92,6 +92,10 @@ class Episode:
     _pieces: list[str] = field(default_factory=list)
     _scanner: TagScanner = field(default_factory=TagScanner)
     _stream: DecodeStream = field(default_factory=lambda: DecodeStream(skip_special_tokens=False))
+    _backend: object = field(default=None, init=False, repr=False)  # the Rust tokenizer `_stream` decodes with
+
+    def __post_init__(self) -> None:
+        self._backend = _backend_tokenizer(self.tokenizer)
 
     @property
     def done(self) -> bool:
@@ -120,7 +124,7 @@ class Episode:
         self._policy_tokens += 1
         if token in self.eos_ids:
             return self._end("eos")
-        piece = self._stream.step(_backend_tokenizer(self.tokenizer), token)
+        piece = self._stream.step(self._backend, token)
         if piece:
             self._pieces.append(piece)
             for event in self._scanner.feed(piece):
