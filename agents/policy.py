@@ -138,13 +138,51 @@ def unpack_next(x: torch.Tensor, index: torch.Tensor, shape: torch.Size) -> torc
     return torch.cat([torch.zeros_like(out[:, :1]), out[:, 1:]], 1)
 
 
-def _model_inputs(input_ids, attention_mask, position_ids, pack: bool):
+def packed_block_mask(positions: torch.Tensor, block: int = 128):
+    """The FlexAttention BlockMask of one packed row whose sequences start where `positions` (N,)
+    is 0: causal within each sequence, nothing across. Built from per-block sequence ids, so no
+    (N x N) mask and no compiled kernel (transformers compiles `create_block_mask` for each new
+    length; one such kernel took ptxas minutes). A key block is full for a query block when one
+    sequence spans both and lies wholly before it, partial (the mask is applied) when they share a
+    sequence otherwise (or the query block runs past N), and skipped when they share none."""
+    from torch.nn.attention.flex_attention import BlockMask
+    N = positions.shape[0]
+    nb = -(-N // block)
+    seq = torch.cumsum(positions == 0, 0) - 1  # each token's sequence
+    seq = torch.cat([seq, seq.new_full((nb * block - N,), -1)])  # padding keys match no real query
+    first = seq[::block]
+    last = seq[torch.clamp(torch.arange(1, nb + 1, device=seq.device) * block, max=N) - 1]
+    q, k = torch.arange(nb, device=seq.device)[:, None], torch.arange(nb, device=seq.device)[None]
+    shared = (k <= q) & (last[k] >= first[q])
+    full = (k < q) & (first[k] == last[q]) & (q < N // block)  # a query block past N is partial
+    partial = shared & ~full
+
+    def blocks(mask):  # counts and indices (first the set ones, in order), as BlockMask wants them
+        order = torch.argsort(mask.to(torch.int8), dim=-1, descending=True, stable=True)
+        return mask.sum(-1, dtype=torch.int32)[None, None], order.to(torch.int32)[None, None]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (seq[q_idx] == seq[kv_idx]) & (kv_idx <= q_idx)
+    return BlockMask.from_kv_blocks(*blocks(partial), *blocks(full), BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(N, N))
+
+
+def _uses_flex_attention(model: nn.Module) -> bool:
+    """Whether `model` (or the module a DeepSpeed engine wraps: the engine's own `config` is
+    DeepSpeed's) attends with FlexAttention."""
+    inner = model.module if isinstance(getattr(model, "module", None), nn.Module) else model
+    return getattr(getattr(inner, "config", None), "_attn_implementation", None) == "flex_attention"
+
+
+def _model_inputs(model, input_ids, attention_mask, position_ids, pack: bool):
     """(ids, mask, positions, index) to run a model on: the padded rows as given (index None), or
-    with `pack` the rows packed into one sequence without a mask (`pack_rows`)."""
+    with `pack` the rows packed into one sequence (`pack_rows`), with our `packed_block_mask` under
+    FlexAttention and otherwise no mask (the model reads the position resets)."""
     if not pack:
         return input_ids, attention_mask, position_ids, None
     ids, positions, index = pack_rows(input_ids, attention_mask, position_ids)
-    return ids, None, positions, index
+    mask = packed_block_mask(positions[0]) if _uses_flex_attention(model) else None
+    return ids, mask, positions, index
 
 
 def _align_next(x: torch.Tensor, index: torch.Tensor | None, shape: torch.Size) -> torch.Tensor:
@@ -162,7 +200,7 @@ def sequence_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log p(x_t | x_<t), (B, T) aligned with `input_ids` (position 0 is 0). `pack` runs
     the rows as one packed sequence without padding (`pack_rows`)."""
-    ids, mask, positions, index = _model_inputs(input_ids, attention_mask, position_ids, pack)
+    ids, mask, positions, index = _model_inputs(model, input_ids, attention_mask, position_ids, pack)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
     logp, ent = logprobs_and_entropy(logits[:, :-1], ids[:, 1:], temperature, with_entropy=with_entropy)
     return (_align_next(logp, index, input_ids.shape),
@@ -171,7 +209,7 @@ def sequence_logprobs(
 
 def sequence_values(critic: Critic, input_ids, attention_mask, position_ids, pack: bool = False) -> torch.Tensor:
     """V of the state before each token, (B, T) aligned with `input_ids` (position 0 is 0)."""
-    ids, mask, positions, index = _model_inputs(input_ids, attention_mask, position_ids, pack)
+    ids, mask, positions, index = _model_inputs(critic, input_ids, attention_mask, position_ids, pack)
     return _align_next(critic(ids, mask, positions)[:, :-1], index, input_ids.shape)
 
 
@@ -194,7 +232,7 @@ def chunked_sequence_logprobs(
     """`sequence_logprobs` without (tokens x vocab) logits: the trunk's hidden states go through the
     LM head `chunk` positions at a time, and under autograd each chunk's logits are recomputed in the
     backward pass instead of kept, so peak memory holds one chunk's float32 logits."""
-    ids, mask, positions, index = _model_inputs(input_ids, attention_mask, position_ids, pack)
+    ids, mask, positions, index = _model_inputs(model, input_ids, attention_mask, position_ids, pack)
     hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions,
                                  use_cache=False).last_hidden_state
     B, T, D = hidden.shape

@@ -11,9 +11,11 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 from agents import decode_attention
 from agents.fast_decode import FastEngine, choose_tokens, keyed_uniform, sample_scores
 from agents.policy import (
+    _model_inputs,
     build_critic,
     chunked_sequence_logprobs,
     compile_layers,
+    packed_block_mask,
     sequence_logprobs,
     sequence_values,
 )
@@ -403,6 +405,68 @@ def test_packed_rows_give_the_padded_rows_logprobs_values_and_gradients(logprobs
     assert len(grads) == len(ref_grads)
     for a, b in zip(ref_grads, grads):
         assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max()) + 1e-7
+
+
+@pytest.mark.parametrize("lengths, block", [([5, 130, 1, 300, 77], 128), ([40, 3, 3, 60, 1, 25], 16),
+                                            ([16, 16, 32], 16), ([7], 16), ([256], 128)])
+def test_packed_block_mask_equals_flex_attentions_own(lengths, block):
+    """Our BlockMask of a packed row has the blocks `create_block_mask` finds from the full mask (skipped,
+    partial, full; a last query block past the row is partial), and its mask is causal within sequences."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    N, seq = len(positions), torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
+    dense = lambda b, h, q, k: (seq[q] == seq[k]) & (k <= q)
+    ref = create_block_mask(dense, 1, None, N, N, device="cpu", BLOCK_SIZE=block, _compile=False)
+    ours = packed_block_mask(positions, block)
+
+    def kv_blocks(bm):
+        return [[sorted(idx[0, 0, i, :num[0, 0, i]].tolist()) for i in range(num.shape[-1])]
+                for num, idx in ((bm.kv_num_blocks, bm.kv_indices), (bm.full_kv_num_blocks, bm.full_kv_indices))]
+    assert kv_blocks(ours) == kv_blocks(ref)
+    q, k = torch.meshgrid(torch.arange(N), torch.arange(N), indexing="ij")
+    assert torch.equal(ours.mask_mod(0, 0, q, k), dense(0, 0, q, k))
+
+
+def test_packed_rows_under_flex_attention_get_our_block_mask():
+    """A model using FlexAttention gets `packed_block_mask` for packed rows (transformers would compile
+    `create_block_mask` for every new length); padded rows keep their 2D mask."""
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="flex_attention")
+    ids = torch.randint(2, 64, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    _, block_mask, positions, _ = _model_inputs(model, ids, mask, pos, pack=True)
+    assert block_mask.seq_lengths == (22, 22) and positions.tolist() == [list(range(9)) + list(range(4)) + list(range(9))]
+    assert _model_inputs(model, ids, mask, pos, pack=False)[1] is mask
+    assert _model_inputs(build_critic(model), ids, mask, pos, pack=True)[1] is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention runs on a GPU here")
+def test_packed_rows_under_flex_attention_give_the_padded_rows_numbers_on_gpu():
+    """On a GPU, packed rows through FlexAttention and `packed_block_mask` compute the padded SDPA rows'
+    log-probs, values and gradients (rows longer than a block, and a one-token row)."""
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=128, initializer_range=0.5)
+    sdpa = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").cuda().train()
+    flex = AutoModelForCausalLM.from_config(cfg, attn_implementation="flex_attention").cuda().train()
+    flex.load_state_dict(sdpa.state_dict())
+    lengths = [300, 5, 129, 1, 64]
+    ids = torch.randint(2, 96, (len(lengths), max(lengths)), device="cuda")
+    mask = (torch.arange(max(lengths), device="cuda")[None] < torch.tensor(lengths, device="cuda")[:, None]).long()
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    results = []
+    for model, pack in ((sdpa, False), (flex, True)):
+        critic = build_critic(model).train()
+        lp, _ = sequence_logprobs(model, ids, mask, pos, pack=pack)
+        v = sequence_values(critic, ids, mask, pos, pack=pack)
+        (lp * mask).sum().add((v * mask).sum()).backward()
+        results.append(([lp * mask, v * mask], [p.grad for p in model.parameters()]))
+    (ref, ref_grads), (got, grads) = results
+    for a, b in zip(ref + ref_grads, got + grads):
+        assert float((a - b).abs().max()) <= 1e-4 * float(a.abs().max()) + 1e-6
 
 
 def test_compiled_layers_give_the_same_logprobs_values_and_gradients():
