@@ -226,7 +226,8 @@ def insert_replies(episodes: Sequence[Episode], records: Sequence[CallRecord | N
         texts.append(info_block(body))
     inserted = encode(texts)
     for e, text, ids in zip(episodes, texts, inserted):
-        # the incremental decoder goes on from the inserted ids as its context (the text is known exactly)
+        # the incremental decoder goes on with the block's last ids as context (its text is known exactly
+        # and ends in whole characters; a SentencePiece word after it keeps its leading space)
         e._stream = DecodeStream(ids=ids[-4:], skip_special_tokens=False)
         e.response_ids.extend(ids)
         e.inserted.extend([True] * len(ids))
