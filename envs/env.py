@@ -35,9 +35,12 @@ def make_episodes(examples: Sequence[Any], tokenizer, pool: CandidatePool, cfg: 
 
 
 def episode_prompts(questions: Sequence[str], tokenizer, pool: CandidatePool, cfg: EpisodeConfig) -> list[list[int]]:
-    """The prompt ids an episode of each question starts from, tokenized in one batched call."""
-    return prompt_token_ids(tokenizer, [build_prompt(q, pool.specs, cfg.prompt_template, cfg.max_turns)
-                                        for q in questions])
+    """The prompt ids an episode of each question starts from, tokenized in one batched call that
+    sees each distinct question once (GRPO repeats every question for its group)."""
+    unique = list(dict.fromkeys(questions))
+    ids = prompt_token_ids(tokenizer, [build_prompt(q, pool.specs, cfg.prompt_template, cfg.max_turns) for q in unique])
+    by_question = dict(zip(unique, ids))
+    return [list(by_question[q]) for q in questions]
 
 
 class MultiRouteEnv(gym.Env):

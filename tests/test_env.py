@@ -200,9 +200,11 @@ def test_prompts_tokenized_together_equal_prompts_tokenized_one_at_a_time(chat_t
     if chat_template:
         assert tok.decode(together[0]).endswith("<|assistant|>")
     vec = MultiRouteVectorEnv(tok, make_pool(), EpisodeConfig())
-    prompts = vec.reset([{"question": m, "golden_answers": ["x"]} for m in messages])
-    assert prompts == [MultiRouteEnv(tok, make_pool(), config=EpisodeConfig()).reset(
+    prompts = vec.reset([{"question": m, "golden_answers": ["x"]} for m in messages + messages[::-1]])
+    alone = [MultiRouteEnv(tok, make_pool(), config=EpisodeConfig()).reset(
         options={"question": m, "golden_answers": ["x"]})[0].tolist() for m in messages]
+    assert prompts == alone + alone[::-1]  # repeated questions (GRPO groups) get the same ids, in their own lists
+    assert prompts[0] is not prompts[-1]
 
 
 def test_a_bad_example_is_named_by_its_index():
