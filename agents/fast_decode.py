@@ -400,12 +400,13 @@ class FastEngine:
 
     def __init__(self, model, tokenizer, slots: int, max_len: int, burst: int = 8, bucket: int = 256,
                  prefill_tokens: int = 16384, use_graphs: bool | None = None, compile: bool = True,
-                 extra_eos_ids=(), attention: str = "auto", autotune: bool = False):
+                 extra_eos_ids=(), attention: str = "auto", autotune: bool = False, call_window_s: float = 0.05):
         # cache positions rounded up to the bucket: every attention length read is a multiple of it
         # (an unaligned length such as 785 makes the attention matmuls twice as slow); a row may run
         # two bursts past the host's last look at it
         self.net = FastModel(model, slots, _round_up(max_len + 2 * burst + 1, bucket), attention)
         self.max_len, self.burst, self.bucket, self.prefill_tokens = max_len, burst, bucket, prefill_tokens
+        self.call_window_s = call_window_s
         self.tokenizer = tokenizer
         dev = self.net.device
         self.use_graphs = (dev.type == "cuda") if use_graphs is None else use_graphs
@@ -448,11 +449,11 @@ class FastEngine:
         # making the calls and inserting the replies, within prefill; upload: host state to the device
         # and launching a burst; decode: waiting for a burst's tokens; env: pushing them; capture:
         # graphs of new shapes, inside prefill or upload), the decode steps run, plain and times their
-        # cache length, the bursts in which no row decoded, the graphs captured, and the episodes ended
-        # for lack of cache room (`_out_of_room`)
+        # cache length, the decode steps run while calls were out, the bursts in which no row decoded, the
+        # graphs captured, and the episodes ended for lack of cache room (`_out_of_room`)
         self.timings = dict.fromkeys(("prefill_s", "calls_s", "upload_s", "decode_s", "env_s", "capture_s",
-                                      "decode_steps", "decode_kv_steps", "idle_bursts", "captures", "out_of_room"),
-                                     0.0)
+                                      "decode_steps", "decode_kv_steps", "steps_during_calls", "idle_bursts",
+                                      "captures", "out_of_room"), 0.0)
 
     def load_weights(self, model) -> None:
         """Refresh the engine's weights from `model` (the same architecture), e.g. after an update."""
@@ -689,6 +690,7 @@ class FastEngine:
                 # a row may be one unread burst ahead of the host's view: room for two
                 launched = self._launch(self.cache_len(max(slots[r].pos for r in running) + 2 * self.burst + 1),
                                         temperature, top_p)
+                self.timings["steps_during_calls"] += self.burst if env.calls_out else 0
             t2 = time.perf_counter()
             self.timings["prefill_s"] += t1 - t0
             self.timings["upload_s"] += t2 - t1
@@ -708,9 +710,12 @@ class FastEngine:
         return any(env.episodes[slots[r].episode].policy_tokens + lag(r) < self.row_stops[r] for r in running)
 
     def _settle(self, slots: list[Slot], env, waiting: deque, stats: RolloutStats) -> set[int]:
-        """Until every slot generates or is empty: refill the slots whose episode ended, make the calls
-        of the calling episodes (concurrently), and prefill prompts or replies. Returns the rows whose
-        device state the host changed."""
+        """Until every slot generates, waits for a reply or is empty: refill the slots whose episode
+        ended, start the calls of the calling episodes (concurrently, in the background), take the
+        replies that have arrived, and prefill prompts or replies. The other rows decode while calls
+        are out; only when no row can, it waits: up to `call_window_s` for every reply (so calls made
+        together come back together), then for the first. Returns the rows whose device state the host
+        changed."""
         changed = set()
         while True:
             jobs = []
@@ -726,11 +731,15 @@ class FastEngine:
                        if s.episode is not None and env.episodes[s.episode].state == CALLING]
             if calling:
                 t0 = time.perf_counter()
-                inserted = env.resolve()  # every calling episode's call, concurrently
+                env.submit()
+                idle = not jobs and not any(s.episode is not None and env.episodes[s.episode].state == GENERATING
+                                            for s in slots)
+                inserted = env.collect(self.call_window_s if idle else 0.0, block=idle)
                 self.timings["calls_s"] += time.perf_counter() - t0
                 for row in calling:
                     s = slots[row]
-                    jobs.append((row, s, [s.token] + inserted.get(s.episode, []), s.pos))
+                    if s.episode in inserted:
+                        jobs.append((row, s, [s.token] + inserted[s.episode], s.pos))
             if not jobs:
                 return changed
             for job in [j for j in jobs if j[3] + len(j[2]) > self.max_len]:  # the slot is refilled next round

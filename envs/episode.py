@@ -4,6 +4,7 @@ and the final reward all happen here and nowhere else."""
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
@@ -237,6 +238,14 @@ def insert_replies(episodes: Sequence[Episode], records: Sequence[CallRecord | N
     return inserted
 
 
+def submit_calls(episodes: Sequence[Episode], pool: CandidatePool) -> list[Future | None]:
+    """Start the pending call of each CALLING episode in the background, concurrently: its future,
+    or None where the search is not a valid call (its message is inserted with no call)."""
+    futures = iter(pool.submit([(e.pending.name, e.pending.query, e.question) for e in episodes
+                                if isinstance(e.pending, Call)]))
+    return [next(futures) if isinstance(e.pending, Call) else None for e in episodes]
+
+
 def resolve_calls(episodes: Sequence[Episode], pool: CandidatePool) -> list[list[int]]:
     """Make the pending calls of every CALLING episode concurrently and insert the replies.
 
@@ -244,8 +253,6 @@ def resolve_calls(episodes: Sequence[Episode], pool: CandidatePool) -> list[list
     over-limit searches insert their message with no call; failed calls insert their error.
     """
     calling = [e for e in episodes if e.state == CALLING]
-    valid = [e for e in calling if isinstance(e.pending, Call)]
-    records = pool.call_many([(e.pending.name, e.pending.query, e.question) for e in valid])
-    by_episode = {id(e): r for e, r in zip(valid, records)}
-    inserted = dict(zip(map(id, calling), insert_replies(calling, [by_episode.get(id(e)) for e in calling])))
+    records = [f.result() if f is not None else None for f in submit_calls(calling, pool)]
+    inserted = dict(zip(map(id, calling), insert_replies(calling, records)))
     return [inserted.get(id(e), []) for e in episodes]

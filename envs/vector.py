@@ -3,12 +3,13 @@ concurrently. It is the batched face of the same episode state machine as MultiR
 
 from __future__ import annotations
 
+import concurrent.futures
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from envs.candidates.pool import CandidatePool
 from envs.env import make_episodes
-from envs.episode import CALLING, DONE, Episode, EpisodeConfig, RewardFn, eos_token_ids, resolve_calls
+from envs.episode import CALLING, DONE, Episode, EpisodeConfig, RewardFn, eos_token_ids, insert_replies, submit_calls
 from rewards import RewardBreakdown, compute_reward
 from rewards.cost import CostNormalizer
 
@@ -38,10 +39,12 @@ class MultiRouteVectorEnv:
         self.reward_fn = reward_fn
         self.eos_ids = eos_token_ids(tokenizer, extra_eos_ids)
         self.episodes: list[Episode] = []
+        self._calls: dict[int, concurrent.futures.Future | None] = {}  # by episode: its call out (`submit`)
 
     def reset(self, examples: Sequence[Any]) -> list[list[int]]:
         """Start one episode per example; return their prompt ids."""
         self.episodes = make_episodes(examples, self.tokenizer, self.pool, self.cfg, self.eos_ids)
+        self._calls = {}
         return [e.prompt_ids for e in self.episodes]
 
     @property
@@ -54,9 +57,31 @@ class MultiRouteVectorEnv:
 
     def resolve(self) -> dict[int, list[int]]:
         """Make the pending calls of all calling episodes concurrently; return inserted ids by episode."""
-        calling = [i for i, e in enumerate(self.episodes) if e.state == CALLING]
-        inserted = resolve_calls([self.episodes[i] for i in calling], self.pool)
-        return dict(zip(calling, inserted))
+        self.submit()
+        return self.collect(window=None)
+
+    def submit(self) -> None:
+        """Start the call of every calling episode that has none out, in the background."""
+        new = [i for i, e in enumerate(self.episodes) if e.state == CALLING and i not in self._calls]
+        self._calls.update(zip(new, submit_calls([self.episodes[i] for i in new], self.pool)))
+
+    @property
+    def calls_out(self) -> int:
+        """Calls submitted whose replies are not inserted yet."""
+        return len(self._calls)
+
+    def collect(self, window: float | None = 0.0, block: bool = False) -> dict[int, list[int]]:
+        """Insert the replies that have arrived and return the inserted ids by episode. Waits up to
+        `window` seconds (None: no limit) for every call out, then, with `block`, for at least one."""
+        futures = [f for f in self._calls.values() if f is not None]
+        if futures and window != 0:
+            concurrent.futures.wait(futures, timeout=window)
+        if block and futures and len(futures) == len(self._calls) and not any(f.done() for f in futures):
+            concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
+        done = [i for i, f in self._calls.items() if f is None or f.done()]
+        calls = [self._calls.pop(i) for i in done]
+        inserted = insert_replies([self.episodes[i] for i in done], [f.result() if f else None for f in calls])
+        return dict(zip(done, inserted))
 
     def step_chunks(self, chunks: dict[int, Sequence[int]]) -> dict[int, ChunkResult]:
         """Feed each listed episode its chunk of sampled tokens, then make all resulting calls at once."""

@@ -36,16 +36,16 @@ def tiny_model(vocab: int, hidden: int = 32):
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
 
 
-def make_env(tok, max_tokens):
+def make_env(tok, max_tokens, latency_s=0.0):
     pool = CandidatePool([CandidateSpec("Geo-Expert", "geo", 1, 0.2)],
-                         SimulatedBackend({"Geo-Expert": lambda r: "Tessaly, in the north"}))
+                         SimulatedBackend({"Geo-Expert": lambda r: "Tessaly, in the north"}, latency_s))
     return MultiRouteVectorEnv(tok, pool, EpisodeConfig(max_response_tokens=max_tokens, prompt_template="compact"))
 
 
-def both_paths(forced, temperature=0.0, max_tokens=40, slots=2, hidden=32, attention="auto"):
+def both_paths(forced, temperature=0.0, max_tokens=40, slots=2, hidden=32, attention="auto", latency_s=0.0):
     tok = tiny_tokenizer()
     model = tiny_model(len(tok), hidden)
-    env = make_env(tok, max_tokens)
+    env = make_env(tok, max_tokens, latency_s)
     ref_lp, _ = run_rollouts(model, env, EXAMPLES, temperature, 1.0, 0, 0, tok.pad_token_id, forced=forced)
     ref = [(e.response_ids, e.inserted, e.end_reason, len(e.calls)) for e in env.episodes]
     engine = FastEngine(model, tok, slots=slots, max_len=256, burst=4, bucket=32, attention=attention)
@@ -79,6 +79,30 @@ def test_multi_turn_with_inserted_replies_and_refilled_slots_equals_the_simple_p
     assert sum(r[3] for r in got) >= 5 and all(any(r[1]) for r in got)  # calls made, replies inserted
     for a, b in zip(ref_lp, lp):
         assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)
+
+
+def test_rows_decode_while_a_slow_call_is_out_and_the_episodes_do_not_change():
+    """One episode's calls take 0.3 s: the other rows decode meanwhile (counted in `steps_during_calls`)
+    and its reply is inserted when it arrives. Sampled episodes and log-probs equal those of a run with
+    instant calls (sampling is keyed by episode and count, not by when a row decodes), and greedy ones
+    equal the simple path's."""
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok))
+    forced = ForcedSchedule.calls_then_answer(tok, "Geo-Expert", [3, 25], 45)
+    slow = lambda request: 0.3 if request.question == "Why?" else 0.0
+    runs = []
+    for latency in (0.0, slow):
+        env = make_env(tok, 70, latency)
+        engine = FastEngine(model, tok, slots=5, max_len=256, burst=4, bucket=32)
+        lp, _ = run_rollouts(model, env, EXAMPLES, 1.0, 1.0, 0, 0, tok.pad_token_id, forced=forced, engine=engine)
+        runs.append(([(e.response_ids, e.inserted, len(e.calls)) for e in env.episodes], lp,
+                     engine.timings["steps_during_calls"]))
+        assert env.calls_out == 0
+    (instant, instant_lp, instant_steps), (delayed, delayed_lp, delayed_steps) = runs
+    assert delayed == instant and delayed_lp == instant_lp and sum(r[2] for r in delayed) == 10
+    assert instant_steps == 0 < delayed_steps  # instant calls made together come back together
+    ref, got, *_ = both_paths(forced, max_tokens=70, slots=5, latency_s=slow)
+    assert got == ref
 
 
 @pytest.mark.parametrize("slots", [2, 5])

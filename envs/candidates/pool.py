@@ -8,6 +8,7 @@ the pool: it becomes a `CallRecord` with `error` set and zero cost.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 import time
 from dataclasses import dataclass
@@ -131,14 +132,14 @@ class CandidatePool:
 
     def call_many(self, calls: Sequence[tuple[str, str, str]]) -> list[CallRecord]:
         """Run (candidate name, query, episode question) calls concurrently; records in input order."""
-        if not calls:
-            return []
-        if self._loop is None:
-            self._loop = _LoopThread()
-        return self._loop.run(self._gather(calls))
+        return [f.result() for f in self.submit(calls)]
 
-    async def _gather(self, calls: Sequence[tuple[str, str, str]]) -> list[CallRecord]:
-        return list(await asyncio.gather(*(self._call(*c) for c in calls)))
+    def submit(self, calls: Sequence[tuple[str, str, str]]) -> list[concurrent.futures.Future]:
+        """Start (candidate name, query, episode question) calls in the background, concurrently, and
+        return at once: each future's result is its call's record (a failure is a record too)."""
+        if calls and self._loop is None:
+            self._loop = _LoopThread()
+        return [asyncio.run_coroutine_threadsafe(self._call(*c), self._loop.loop) for c in calls]
 
     async def _call(self, name: str, query: str, question: str) -> CallRecord:
         spec = self.by_name[name]

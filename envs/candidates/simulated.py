@@ -6,6 +6,7 @@ path. A responder gets the `Request` and returns the reply text, or `(text, comp
 
 from __future__ import annotations
 
+import asyncio
 from typing import Callable, Mapping, Sequence
 
 from envs.candidates.pool import Request, register_backend
@@ -15,15 +16,20 @@ Responder = Callable[[Request], "str | tuple[str, int]"]
 
 
 class SimulatedBackend:
-    """Routes each request to the responder registered under the candidate's name."""
+    """Routes each request to the responder registered under the candidate's name, after
+    `latency_s` seconds (a number, or a function of the request) spent awaiting, as an API call would."""
 
-    def __init__(self, responders: Mapping[str, Responder]):
+    def __init__(self, responders: Mapping[str, Responder], latency_s: float | Callable[[Request], float] = 0.0):
         self.responders = dict(responders)
+        self.latency_s = latency_s
 
     async def complete(self, request: Request) -> Completion:
         responder = self.responders.get(request.spec.name)
         if responder is None:
             raise KeyError(f"no simulated responder for candidate {request.spec.name!r}")
+        delay = self.latency_s(request) if callable(self.latency_s) else self.latency_s
+        if delay > 0:
+            await asyncio.sleep(delay)
         out = responder(request)
         if isinstance(out, tuple):
             text, completion_tokens = out
