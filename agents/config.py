@@ -82,6 +82,10 @@ class RolloutConfig:
     # the decode step's attention: triton (agents/decode_attention.py, over each row's filled length),
     # matmul (two batched matmuls over the bucketed length), auto (triton on a GPU where it runs)
     engine_attention: str = "auto"
+    # calls run in the background while the other rows decode; with no row left to decode the engine
+    # waits up to this long for every reply of the calls out (so calls made together come back
+    # together), then for the first one
+    engine_call_window_s: float = 0.05
 
     def __post_init__(self):
         if self.engine not in ("auto", "fast", "simple"):
@@ -92,6 +96,7 @@ class RolloutConfig:
             if getattr(self, key) < 0:
                 raise ValueError(f"rollout.{key} must be >= 0, got {getattr(self, key)}")
         _positive("rollout.engine_burst", self.engine_burst)
+        _in_range("rollout.engine_call_window_s", self.engine_call_window_s, 0.0, 60.0)
         _positive("rollout.n_prompts", self.n_prompts)
         _positive("rollout.n_per_prompt", self.n_per_prompt)
         _in_range("rollout.temperature", self.temperature, 0.0, 10.0)

@@ -163,7 +163,8 @@ class Trainer:
             return self.fast
         slots = r.engine_slots or r.n_prompts * r.n_per_prompt // self.dist.world_size
         self.fast = fast_decode.FastEngine(policy, self.tokenizer, slots, r.engine_max_len or self._longest_episode(),
-                                           burst=r.engine_burst, attention=r.engine_attention)
+                                           burst=r.engine_burst, attention=r.engine_attention,
+                                           call_window_s=r.engine_call_window_s)
         log.info("rollouts use FastEngine: %d slots x %d cache positions, %s attention", slots, self.fast.max_len,
                  "triton" if self.fast.net.fused_attention else "matmul")
         return self.fast
