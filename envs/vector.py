@@ -76,7 +76,7 @@ class MultiRouteVectorEnv:
         futures = [f for f in self._calls.values() if f is not None]
         if futures and window != 0:
             concurrent.futures.wait(futures, timeout=window)
-        if block and futures and len(futures) == len(self._calls) and not any(f.done() for f in futures):
+        if block and futures and not any(f is None or f.done() for f in self._calls.values()):
             concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
         done = [i for i, f in self._calls.items() if f is None or f.done()]
         calls = [self._calls.pop(i) for i in done]
