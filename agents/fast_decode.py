@@ -4,11 +4,13 @@ detection on the device, and finished episodes' slots refilled with new question
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import deque
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -635,14 +637,17 @@ class FastEngine:
                 group.append(jobs[i])
                 i += 1
             n, width = rows_for(len(group)), _bucket_width(longest)
-            ids = torch.zeros(n, width, dtype=torch.long)
-            positions = torch.full((n, width), self.net.scratch, dtype=torch.long)
-            for r, (_, seq, start) in enumerate(group):
-                ids[r, :len(seq)] = torch.tensor(seq)
-                positions[r, :len(seq)] = torch.arange(start, start + len(seq))
-            rows = torch.tensor([j[0] for j in group] + [group[0][0]] * (n - len(group)))
-            kv_len = self.cache_len(max(start + len(seq) for _, seq, start in group))
-            self._append(_to_device(ids, dev), _to_device(positions, dev), _to_device(rows, dev), kv_len)
+            lengths = np.zeros(n, dtype=np.int64)
+            lengths[:len(group)] = [len(seq) for _, seq, _ in group]
+            starts = np.zeros(n, dtype=np.int64)
+            starts[:len(group)] = [start for _, _, start in group]
+            filled = np.arange(width)[None] < lengths[:, None]  # (n, width), row-major like the ids below
+            ids = np.zeros((n, width), dtype=np.int64)
+            ids[filled] = np.fromiter(itertools.chain.from_iterable(seq for _, seq, _ in group), np.int64)
+            positions = np.where(filled, starts[:, None] + np.arange(width)[None], self.net.scratch)
+            rows = np.array([j[0] for j in group] + [group[0][0]] * (n - len(group)), dtype=np.int64)
+            kv_len = self.cache_len(int((starts + lengths).max()))
+            self._append(*(_to_device(torch.from_numpy(a), dev) for a in (ids, positions, rows)), kv_len)
 
     @torch.no_grad()
     def run(self, env: MultiRouteVectorEnv, examples: list, temperature: float, top_p: float, seed: int,

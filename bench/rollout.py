@@ -145,6 +145,87 @@ def profile_host(model, env, examples, forced, engine: FastEngine, rows: int = 3
         pstats.Stats(prof).sort_stats(key).print_stats(rows)
 
 
+def profile_gaps(model, env, examples, forced, engine: FastEngine, top: int = 12) -> dict:
+    """Where the GPU sits idle in a whole multi-turn phase: the profiler's device activity (kernels,
+    copies) merged into busy intervals, and each idle stretch inside the phase charged to the
+    innermost host step running then (the engine's settle / prefill / upload / launch / read, the
+    env's calls). Prints the idle time by host step and the longest gaps; returns the totals."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+    steps = {"engine.settle": (engine, "_settle"), "engine.prefill": (engine, "_prefill"),
+             "engine.upload": (engine, "_upload"), "engine.launch": (engine, "_launch"),
+             "engine.read": (engine, "_read"), "env.submit": (env, "submit"), "env.collect": (env, "collect"),
+             "env.reset": (env, "reset")}
+
+    def labelled(name, fn):
+        def call(*a, **k):
+            with record_function(name):
+                return fn(*a, **k)
+        return call
+    device_ms = {"prefill": [], "decode": []}  # CUDA-event pairs around each prefill and decode burst
+
+    def timed(kind, fn):
+        def call(*a, **k):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn(*a, **k)
+            end.record()
+            device_ms[kind].append((start, end))
+            return out
+        return call
+    for name, (obj, attr) in steps.items():
+        setattr(obj, attr, labelled(name, getattr(obj, attr)))
+    if torch.cuda.is_available():
+        engine._append, engine._decode = timed("prefill", engine._append), timed("decode", engine._decode)
+    try:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            with record_function("phase"):
+                run_rollouts(model, env, examples, 1.0, 1.0, 0, 3, 0, forced=forced, engine=engine)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+    finally:
+        for obj, attr in list(steps.values()) + [(engine, "_append"), (engine, "_decode")]:
+            if attr in vars(obj):
+                delattr(obj, attr)  # back to the class's method
+    device = {kind: sum(a.elapsed_time(b) for a, b in pairs) for kind, pairs in device_ms.items()}
+    events = prof.events()
+    host = [(e.time_range.start, e.time_range.end, e.name) for e in events
+            if e.device_type == DeviceType.CPU and (e.name in steps or e.name == "phase")]
+    t0, t1 = next((a, b) for a, b, n in host if n == "phase")
+    host = [h for h in host if h[2] != "phase"]
+    busy = sorted((e.time_range.start, e.time_range.end) for e in events
+                  if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    merged = []
+    for a, b in busy:
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    gaps, at = [], t0
+    for a, b in merged + [[t1, t1]]:
+        if a > at:
+            gaps.append((at, min(a, t1)))
+        at = max(at, b)
+    by_step: dict[str, float] = {}
+    for a, b in gaps:  # in 20-us bins: the innermost (latest started) host step running at each bin
+        for x in np.arange(a, b, 20.0):
+            inside = [h for h in host if h[0] <= x < h[1]]
+            name = max(inside)[2] if inside else "(none)"
+            by_step[name] = by_step.get(name, 0.0) + min(20.0, b - x)
+    idle = sum(b - a for a, b in gaps)
+    print(f"phase {(t1 - t0) / 1e3:.1f} ms, device busy {(t1 - t0 - idle) / 1e3:.1f} ms (decode bursts "
+          f"{device['decode']:.1f} ms, prefill {device['prefill']:.1f} ms in {len(device_ms['prefill'])} graphs), "
+          f"idle {idle / 1e3:.1f} ms in {len(gaps)} gaps", flush=True)
+    for name, us in sorted(by_step.items(), key=lambda kv: -kv[1]):
+        print(f"  idle while {name:16s} {us / 1e3:8.2f} ms", flush=True)
+    print("longest gaps (ms from phase start, ms long, host steps running):", flush=True)
+    for a, b in sorted(gaps, key=lambda g: g[0] - g[1])[:top]:
+        running = sorted({h[2] for h in host if h[0] < b and h[1] > a})
+        print(f"  {(a - t0) / 1e3:8.2f} {(b - a) / 1e3:7.2f}  {', '.join(running)}", flush=True)
+    return {"phase_ms": (t1 - t0) / 1e3, "idle_ms": idle / 1e3, "gaps": len(gaps), "device_ms": device,
+            "idle_ms_by_step": {k: float(v) / 1e3 for k, v in by_step.items()}}
+
+
 def zero3_rollout(model, engine: FastEngine, env, examples, forced, step: int, expected: list,
                   plain_tok_s: float) -> dict:
     """The rollout phase of sampling step `step` with the policy inside a DeepSpeed ZeRO-3 engine
@@ -172,7 +253,7 @@ def zero3_rollout(model, engine: FastEngine, env, examples, forced, step: int, e
 
 def run_shape(shape: str, batch: int, prompt: int, new: int, bandwidth: float, tok, hf: bool,
               profile: bool = False, zero3: bool = False, burst: int = 8, attention: str = "auto",
-              autotune: bool = False, host_profile: bool = False) -> dict:
+              autotune: bool = False, host_profile: bool = False, gaps: bool = False) -> dict:
     torch.manual_seed(0)
     model = random_qwen(shape)
     row = {"shape": shape, "batch": batch, "params_M": n_params(model) / 1e6}
@@ -231,6 +312,8 @@ def run_shape(shape: str, batch: int, prompt: int, new: int, bandwidth: float, t
         profile_phase(model, env, examples, forced, engine)
     if host_profile:
         profile_host(model, env, examples, forced, engine)
+    if gaps:
+        row["idle"] = profile_gaps(model, env, examples, forced, engine)
     if hf:
         row["x_hf_default"] = row["e2e_tok_s"] / row["hf_default_tok_s"]
         row["x_hf_static"] = row["e2e_tok_s"] / row["hf_static_tok_s"]
@@ -279,6 +362,8 @@ def main() -> None:
     p.add_argument("--check", action="store_true", help="first check graphs against the eager path")
     p.add_argument("--profile", action="store_true", help="print the kernels of a decode burst")
     p.add_argument("--profile-host", action="store_true", help="print the host's Python profile of a phase")
+    p.add_argument("--profile-gaps", action="store_true",
+                   help="print where the GPU sits idle in a phase, by the host step running then")
     p.add_argument("--zero3", action="store_true", help="also time the first shape's rollout under DeepSpeed ZeRO-3")
     p.add_argument("--burst", type=int, default=8, help="decode steps per graph replay")
     p.add_argument("--attention", default="auto", choices=("auto", "triton", "matmul"),
@@ -298,7 +383,7 @@ def main() -> None:
         shape, batch = item.split(":")
         rows.append(run_shape(shape, int(batch), args.prompt, args.new, bandwidth, tok, not args.no_hf, args.profile,
                               args.zero3 and n == 0, args.burst, args.attention, args.autotune,
-                              args.profile_host))
+                              args.profile_host, args.profile_gaps))
         print(rows[-1], flush=True)
     cols = ["shape", "batch", "limit_tok_s", "hf_default_tok_s", "hf_static_tok_s", "decode_ms", "decode_tok_s",
             "decode_pct_limit", "e2e_tok_s", "e2e_pct_limit", "e2e_decode_ms", "e2e_occupancy", "e2e_captures",

@@ -211,3 +211,16 @@ def test_a_bad_example_is_named_by_its_index():
     vec = MultiRouteVectorEnv(tiny_tokenizer(), make_pool(), EpisodeConfig())
     with pytest.raises(ValueError, match="example 1 needs a non-empty 'question'"):
         vec.reset([{"question": "q?", "golden_answers": ["x"]}, {"question": " ", "golden_answers": ["x"]}])
+
+
+def test_pool_submit_gives_each_call_its_own_future_in_input_order():
+    latency = {"slow": 0.2, "fast": 0.0}
+    pool = CandidatePool([CandidateSpec("Geo-Expert", "geo", 7, 0.3)],
+                         SimulatedBackend({"Geo-Expert": lambda r: f"re {r.query}"},
+                                          latency_s=lambda r: latency[r.query.split()[0]]))
+    futures = pool.submit([("Geo-Expert", f"{speed} {i}", "q?") for i, speed in enumerate(["slow", "fast", "fast"])])
+    assert futures[2].result(timeout=5).reply == "re fast 2"
+    assert not futures[0].done()  # the fast replies did not wait for the slow one
+    assert [f.result(timeout=5).reply for f in futures] == ["re slow 0", "re fast 1", "re fast 2"]
+    assert pool.submit([]) == []
+    pool.close()

@@ -96,6 +96,16 @@ class _LoopThread:
         self.loop.close()
 
 
+def _settle(future: concurrent.futures.Future, task: asyncio.Task) -> None:
+    """Give a finished task's result (or exception, or cancellation) to the future waiting on it."""
+    if task.cancelled():
+        future.set_exception(concurrent.futures.CancelledError())
+    elif task.exception() is not None:
+        future.set_exception(task.exception())
+    else:
+        future.set_result(task.result())
+
+
 class CandidatePool:
     """Candidates by name, one backend serving them, the request config and the pricing rule."""
 
@@ -137,9 +147,20 @@ class CandidatePool:
     def submit(self, calls: Sequence[tuple[str, str, str]]) -> list[concurrent.futures.Future]:
         """Start (candidate name, query, episode question) calls in the background, concurrently, and
         return at once: each future's result is its call's record (a failure is a record too)."""
-        if calls and self._loop is None:
+        if not calls:
+            return []
+        if self._loop is None:
             self._loop = _LoopThread()
-        return [asyncio.run_coroutine_threadsafe(self._call(*c), self._loop.loop) for c in calls]
+        futures = [concurrent.futures.Future() for _ in calls]
+        self._loop.loop.call_soon_threadsafe(self._start, list(calls), futures)  # one wake-up for the batch
+        return futures
+
+    def _start(self, calls: list[tuple[str, str, str]], futures: list[concurrent.futures.Future]) -> None:
+        """On the loop's thread: a task per call, whose outcome settles its future."""
+        for call, future in zip(calls, futures):
+            if future.set_running_or_notify_cancel():
+                task = self._loop.loop.create_task(self._call(*call))
+                task.add_done_callback(lambda t, f=future: _settle(f, t))
 
     async def _call(self, name: str, query: str, question: str) -> CallRecord:
         spec = self.by_name[name]
