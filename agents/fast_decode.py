@@ -135,15 +135,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def decoder_layer(x, delta, norm1, qkv, qkv_bias, out, norm2, gate_up, down, kc, vc, rows, slots, positions, cos,
-                  sin, hidden_mask, kv_len: int, heads: int, kv_heads: int, eps: float,
+                  sin, mask, kv_len: int, heads: int, kv_heads: int, eps: float,
                   fused_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One pre-norm decoder layer on the residual stream x + delta (N, Lq, hidden): fused QKV, RoPE,
     K/V written into the cache rows `rows` at `positions`, grouped-query attention over the first
-    `kv_len` cache positions (masked by `hidden_mask`), output projection, fused gate-up SwiGLU MLP;
-    residuals in x's dtype. Returns (the stream after attention, the MLP's output): the next layer
-    adds them, in the same kernel as its first norm. `fused_attention`: a decode step (every cache
-    row, in order) rotates, writes the cache and attends in the Triton split-KV kernel, over each
-    row's filled length."""
+    `kv_len` cache positions, output projection, fused gate-up SwiGLU MLP; residuals in x's dtype.
+    Returns (the stream after attention, the MLP's output): the next layer adds them, in the same
+    kernel as its first norm. `mask` (`FastModel.attention_mask`) says what each query sees; None: a
+    prefill whose rows all start at position 0, causal attention over its own keys. `fused_attention`:
+    a decode step (every cache row, in order) rotates, writes the cache and attends in the Triton
+    split-KV kernel, over each row's filled length."""
     N, Lq, _ = x.shape
     d = cos.shape[-1]
     x = x + delta
@@ -156,19 +157,24 @@ def decoder_layer(x, delta, norm1, qkv, qkv_bias, out, norm2, gate_up, down, kc,
     else:
         q = q.view(N, Lq, heads, d)
         k = k.view(N, Lq, kv_heads, d)
+        v = v.view(N, Lq, kv_heads, d)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         kc[rows[:, None], :, positions] = k  # advanced indices first: (N, Lq, kv_heads, d)
-        vc[rows[:, None], :, positions] = v.view(N, Lq, kv_heads, d)
-        keys, values = kc[:, :, :kv_len], vc[:, :, :kv_len]
-        if slots is not None:
-            keys, values = keys[slots], values[slots]
-        if Lq == 1:
-            attn = matmul_decode_attention(q, keys, values, hidden_mask).view(N, 1, heads * d)
-        else:  # prefill: the fused SDPA kernel
-            attn = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=~hidden_mask[:, :, 0],
-                                                  enable_gqa=True)
-            attn = attn.transpose(1, 2).reshape(N, Lq, heads * d)
+        vc[rows[:, None], :, positions] = v
+        if mask is None:  # every row starts at 0: its keys are its own tokens (padding comes last)
+            attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  is_causal=True, enable_gqa=True).transpose(1, 2)
+        else:
+            keys, values = kc[:, :, :kv_len], vc[:, :, :kv_len]
+            if slots is not None:
+                keys, values = keys[slots], values[slots]
+            if Lq == 1:
+                attn = matmul_decode_attention(q, keys, values, mask)
+            else:
+                attn = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask,
+                                                      enable_gqa=True).transpose(1, 2)
+        attn = attn.reshape(N, Lq, heads * d)
     x = x + F.linear(attn, out)
     gate, up = F.linear(rms_norm(x, norm2, eps), gate_up).chunk(2, -1)
     return x, F.linear(F.silu(gate) * up, down)
@@ -270,33 +276,45 @@ class FastModel:
 
     def compile(self, autotune: bool = False) -> None:
         """Fuse each layer's small operations with torch.compile (GPU): decode once per cache length,
-        shared by all layers; prefill once with symbolic sizes, since its shapes vary more.
+        shared by all layers; prefill with automatic dynamic shapes, since its shapes vary more: static at
+        first, then symbolic in the sizes that changed (rows, width, cache length), the weights' sizes
+        staying constants (with every size symbolic, a prefill took 35% longer: its elementwise kernels
+        computed their indices from runtime sizes).
         `autotune`: the decode layer's matmuls are chosen by timing Triton and cuBLAS kernels
         (inductor's max-autotune; slower to compile)."""
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # shapes x buckets
         self.compiled_layer = torch.compile(decoder_layer, dynamic=False,
                                             mode="max-autotune-no-cudagraphs" if autotune else None)
-        self.compiled_prefill = torch.compile(decoder_layer, dynamic=True)
-        self.compiled_final = torch.compile(final_hidden, dynamic=True)
+        self.compiled_prefill = torch.compile(decoder_layer, dynamic=None)
+        self.compiled_final = torch.compile(final_hidden, dynamic=None)
+
+    def attention_mask(self, positions: torch.Tensor, kv_len: int, from_start: bool) -> torch.Tensor | None:
+        """What the queries at `positions` (N, Lq) see of the first `kv_len` cache positions: key s is
+        visible to the query at position p iff s <= p. A decode step (Lq = 1) gets the hidden positions
+        (N, 1, 1, 1, kv_len), a prefill the visible ones (N, 1, Lq, kv_len), or None if every row starts
+        at position 0."""
+        if from_start:
+            return None
+        hidden = torch.arange(kv_len, device=positions.device)[None, None, :] > positions[:, :, None]
+        return hidden[:, None, None] if positions.shape[1] == 1 else ~hidden[:, None]
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor | None,
-                kv_len: int) -> torch.Tensor:
+                kv_len: int, from_start: bool = False) -> torch.Tensor:
         """Final hidden states (N, Lq, hidden) of tokens `ids` (N, Lq) at `positions` (N, Lq) of
         cache rows `slots` (N,) (None: all rows, in order). Each token's K/V is written into the cache
         at its position; it attends to cache positions <= its own, among the first `kv_len`.
-        A position equal to `self.scratch` marks padding."""
+        A position equal to `self.scratch` marks padding, which comes after a row's tokens.
+        `from_start`: every row's tokens start at position 0 (prompts), so they attend to each other alone."""
         N = ids.shape[0]
         rows = torch.arange(N, device=ids.device) if slots is None else slots
         cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
-        keys_at = torch.arange(kv_len, device=ids.device)
-        # (N, 1, 1, Lq, kv_len): key s is visible to the query at position p iff s <= p
-        hidden_mask = (keys_at[None, None, :] > positions[:, :, None])[:, None, None]
+        mask = self.attention_mask(positions, kv_len, from_start and ids.shape[1] > 1)
         x = F.embedding(ids, self.embed)
         delta = torch.zeros_like(x)
         layer = (self.compiled_layer if slots is None else self.compiled_prefill) or decoder_layer
         for w, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
             x, delta = layer(x, delta, w.norm1, w.qkv, w.qkv_bias, w.out, w.norm2, w.gate_up, w.down, kc, vc, rows,
-                             slots, positions, cos, sin, hidden_mask, kv_len, self.heads, self.kv_heads, self.eps,
+                             slots, positions, cos, sin, mask, kv_len, self.heads, self.kv_heads, self.eps,
                              self.fused_attention and slots is None)
         return (self.compiled_final or final_hidden)(x, delta, self.final_norm, self.eps)
 
@@ -591,14 +609,15 @@ class FastEngine:
         done.record()
         return Burst(host, done, list(self.epoch))
 
-    def _append(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, kv_len: int) -> None:
-        """Write the K/V of ids (n, w) at positions into cache rows `rows`. On GPU one CUDA graph per
-        (n, w, kv_len) bucket: an eager prefill spends most of its time launching kernels when it
-        appends a few dozen reply tokens."""
+    def _append(self, ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, kv_len: int,
+                from_start: bool) -> None:
+        """Write the K/V of ids (n, w) at positions into cache rows `rows` (`from_start`: every row
+        starts at position 0). On GPU one CUDA graph per (n, w, kv_len, from_start) bucket: an eager
+        prefill spends most of its time launching kernels when it appends a few dozen reply tokens."""
         if not self.use_graphs:
-            self.net.forward(ids, positions, rows, kv_len)
+            self.net.forward(ids, positions, rows, kv_len, from_start)
             return
-        key = (*ids.shape, kv_len)
+        key = (*ids.shape, kv_len, from_start)
         if key not in self.prefill_graphs:
             inputs = [t.clone() for t in (ids, positions, rows)]
 
@@ -607,7 +626,7 @@ class FastEngine:
                 self.net.compiled_prefill = self.net.compiled_final = None
                 return had
             # the warm-up writes the same K/V the replay writes
-            work = lambda: self.net.forward(inputs[0], inputs[1], inputs[2], kv_len)
+            work = lambda: self.net.forward(inputs[0], inputs[1], inputs[2], kv_len, from_start)
             self.prefill_graphs[key] = (self._capture(work, drop_compiled, "prefill"), inputs)
         graph, inputs = self.prefill_graphs[key]
         for dst, src in zip(inputs, (ids, positions, rows)):
@@ -647,7 +666,8 @@ class FastEngine:
             positions = np.where(filled, starts[:, None] + np.arange(width)[None], self.net.scratch)
             rows = np.array([j[0] for j in group] + [group[0][0]] * (n - len(group)), dtype=np.int64)
             kv_len = self.cache_len(int((starts + lengths).max()))
-            self._append(*(_to_device(torch.from_numpy(a), dev) for a in (ids, positions, rows)), kv_len)
+            self._append(*(_to_device(torch.from_numpy(a), dev) for a in (ids, positions, rows)), kv_len,
+                         from_start=not starts.any())
 
     @torch.no_grad()
     def run(self, env: MultiRouteVectorEnv, examples: list, temperature: float, top_p: float, seed: int,

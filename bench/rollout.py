@@ -110,6 +110,17 @@ def pure_decode(engine: FastEngine, batch: int, prompt: int, new: int) -> float:
     return sec
 
 
+def prefill_ms(engine: FastEngine, width: int, start: int) -> float:
+    """Milliseconds of one prefill graph writing `width` tokens from position `start` into every
+    cache row (a wave of prompts from 0, or replies after the episode's text)."""
+    n, dev = engine.net.slots, engine.net.device
+    ids = torch.randint(5, 400, (n, width), device=dev)
+    positions = (start + torch.arange(width, device=dev))[None].expand(n, width).contiguous()
+    rows = torch.arange(n, device=dev)
+    kv_len = engine.cache_len(start + width)
+    return 1e3 * time_cuda(lambda: engine._append(ids, positions, rows, kv_len, from_start=start == 0))
+
+
 def profile_decode(engine: FastEngine, prompt: int, new: int, rows: int = 25) -> None:
     """Print the GPU kernels of decode bursts (all rows active), by total device time."""
     from torch.profiler import ProfilerActivity, profile
@@ -271,6 +282,9 @@ def run_shape(shape: str, batch: int, prompt: int, new: int, bandwidth: float, t
                         autotune=autotune)
     sec = pure_decode(engine, batch, prompt, new)
     row.update(decode_ms=sec * 1e3, decode_tok_s=batch / sec, decode_pct_limit=100 * batch / sec / limit)
+    # prefill graphs alone: a wave of prompts, and a round of 64-token replies at mid-episode
+    row.update(prefill_prompts_ms=prefill_ms(engine, prompt, 0),
+               prefill_replies_ms=prefill_ms(engine, 64, prompt + new // 2))
     if profile:
         profile_decode(engine, prompt, new)
     # end to end: two waves of episodes, calls at set positions, replies inserted, slots refilled
@@ -386,7 +400,8 @@ def main() -> None:
                               args.profile_host, args.profile_gaps))
         print(rows[-1], flush=True)
     cols = ["shape", "batch", "limit_tok_s", "hf_default_tok_s", "hf_static_tok_s", "decode_ms", "decode_tok_s",
-            "decode_pct_limit", "e2e_tok_s", "e2e_pct_limit", "e2e_decode_ms", "e2e_occupancy", "e2e_captures",
+            "decode_pct_limit", "prefill_prompts_ms", "prefill_replies_ms", "e2e_tok_s", "e2e_pct_limit",
+            "e2e_decode_ms", "e2e_occupancy", "e2e_captures",
             "x_hf_default", "x_hf_static", "mem_GB",
             "logp_mismatch_mean", "logp_mismatch_p99", "zero3_vs_plain"]
     print(table(rows, cols))

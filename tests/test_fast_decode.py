@@ -9,7 +9,7 @@ from tiny import tiny_tokenizer
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from agents import decode_attention
-from agents.fast_decode import FastEngine, choose_tokens, keyed_uniform, sample_scores
+from agents.fast_decode import FastEngine, FastModel, choose_tokens, keyed_uniform, sample_scores
 from agents.policy import (
     _model_inputs,
     build_critic,
@@ -69,6 +69,26 @@ def interpreted_triton():
     if not decode_attention.available(torch.device("cpu")):
         pytest.skip("needs TRITON_INTERPRET=1 set before Triton is imported")
     return decode_attention
+
+
+def test_a_prefill_from_position_zero_attends_to_its_own_keys_as_the_cache_path_does():
+    net = FastModel(tiny_model(64), slots=4, max_len=32)
+    torch.manual_seed(1)
+    ids = torch.randint(3, 64, (4, 8))
+    lengths = torch.tensor([8, 5, 3, 0])  # the last row pads the group (as `_prefill` does)
+    positions = torch.where(torch.arange(8)[None] < lengths[:, None], torch.arange(8)[None], net.scratch)
+    rows = torch.tensor([2, 0, 3, 2])
+    runs = []
+    for from_start in (False, True):
+        for cache in net.k_cache + net.v_cache:
+            cache.zero_()
+        hidden = net.forward(ids, positions, rows, 16, from_start=from_start)
+        runs.append((hidden, [c[:, :, :net.scratch].clone() for c in net.k_cache + net.v_cache]))
+    (masked, masked_cache), (causal, causal_cache) = runs
+    real = torch.arange(8)[None] < lengths[:, None]
+    torch.testing.assert_close(causal[real], masked[real], atol=1e-5, rtol=1e-5)
+    for a, b in zip(causal_cache, masked_cache):
+        torch.testing.assert_close(a, b)
 
 
 def test_multi_turn_with_inserted_replies_and_refilled_slots_equals_the_simple_path():
