@@ -278,8 +278,8 @@ class FastModel:
         """Fuse each layer's small operations with torch.compile (GPU): decode once per cache length,
         shared by all layers; prefill with automatic dynamic shapes, since its shapes vary more: static at
         first, then symbolic in the sizes that changed (rows, width, cache length), the weights' sizes
-        staying constants (with every size symbolic, a prefill took 35% longer: its elementwise kernels
-        computed their indices from runtime sizes).
+        staying constants (with every size symbolic, the elementwise kernels computed their indices
+        from runtime sizes, and a 0.5B phase's prefills took 124 ms of device time instead of 94).
         `autotune`: the decode layer's matmuls are chosen by timing Triton and cuBLAS kernels
         (inductor's max-autotune; slower to compile)."""
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # shapes x buckets
