@@ -208,7 +208,7 @@ class PlainEngine:
 
 
 def deepspeed_config(name: str, lr: float, weight_decay: float, grad_clip: float, on_cuda: bool,
-                     with_optimizer: bool = True) -> dict:
+                     with_optimizer: bool = True, processes: int = 1) -> dict:
     """configs/deepspeed/<name>.json (or the JSON file `name` ends in .json) with the values our
     config owns filled in.
 
@@ -216,6 +216,9 @@ def deepspeed_config(name: str, lr: float, weight_decay: float, grad_clip: float
     `backward` once per micro-batch and `step` once per optimizer step (unmanaged accumulation), and
     every loss is already normalised by the step's global count. bf16 with fp32 master weights on
     GPUs, fp32 on CPU. Without an optimizer (the frozen reference) ZeRO-2 is plain data parallel.
+    In a single process ZeRO-1/2 has no gradients to communicate, so the stream that overlaps their
+    reduction and the contiguous buffer they are copied into are turned off: each only added work
+    (1.5B actor + critic update on an H200: 2.08 -> 2.02 s per step).
     """
     path = Path(name) if name.endswith(".json") else DEEPSPEED_CONFIGS / f"{name}.json"
     if not path.exists():
@@ -225,6 +228,8 @@ def deepspeed_config(name: str, lr: float, weight_decay: float, grad_clip: float
     cfg.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1,
                managed_gradient_accumulation=False, gradient_clipping=grad_clip)
     cfg["bf16"] = {"enabled": on_cuda}
+    if processes == 1 and cfg["zero_optimization"]["stage"] in (1, 2):
+        cfg["zero_optimization"].update(overlap_comm=False, contiguous_gradients=False)
     if with_optimizer:
         cfg["optimizer"]["params"].update(lr=lr, weight_decay=weight_decay)
         offload = "offload_optimizer" in cfg["zero_optimization"]
@@ -261,7 +266,8 @@ class ZeroEngine:
         import deepspeed
         self.module, self.dist = module, dist_
         broadcast_module(module, dist_)
-        config = deepspeed_config(name, lr, weight_decay, grad_clip, dist_.device.type == "cuda")
+        config = deepspeed_config(name, lr, weight_decay, grad_clip, dist_.device.type == "cuda",
+                                  processes=dist_.world_size)
         self.stage = config["zero_optimization"]["stage"]
         gather_layers_whole(module, config)
         params = [p for p in module.parameters() if p.requires_grad]
@@ -357,7 +363,8 @@ def wrap_reference(module: nn.Module, dist_: Dist, deepspeed: str | None) -> nn.
     if deepspeed is None:
         return module
     import deepspeed as ds
-    config = deepspeed_config(deepspeed, 0.0, 0.0, 0.0, dist_.device.type == "cuda", with_optimizer=False)
+    config = deepspeed_config(deepspeed, 0.0, 0.0, 0.0, dist_.device.type == "cuda", with_optimizer=False,
+                              processes=dist_.world_size)
     gather_layers_whole(module, config)
     engine, *_ = ds.initialize(model=module, config=config)
     engine.eval()

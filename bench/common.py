@@ -117,3 +117,18 @@ def bpe_tokenizer(corpus: list[str], vocab_size: int, repeat: int = 5):
     """A small byte-level BPE trained on `corpus` (any text round-trips; ids past its vocabulary
     decode to nothing, as a checkpoint's padded vocabulary slots do), with distinct pad and eos."""
     return byte_level_bpe(corpus * repeat, vocab_size)
+
+
+def device_busy(events) -> list[list[float]]:
+    """The profiler's device activity (kernels, copies, memsets) merged into busy intervals [start,
+    end] in microseconds, in time order."""
+    from torch.autograd import DeviceType
+    merged: list[list[float]] = []
+    for a, b in sorted((e.time_range.start, e.time_range.end) for e in events
+                       if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return merged
+

@@ -19,6 +19,7 @@ from agents.rollout import ForcedSchedule, run_rollouts
 from bench.common import (
     bpe_tokenizer,
     copy_bandwidth,
+    device_busy,
     n_params,
     random_qwen,
     table,
@@ -204,16 +205,8 @@ def profile_gaps(model, env, examples, forced, engine: FastEngine, top: int = 12
             if e.device_type == DeviceType.CPU and (e.name in steps or e.name == "phase")]
     t0, t1 = next((a, b) for a, b, n in host if n == "phase")
     host = [h for h in host if h[2] != "phase"]
-    busy = sorted((e.time_range.start, e.time_range.end) for e in events
-                  if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start)
-    merged = []
-    for a, b in busy:
-        if merged and a <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
     gaps, at = [], t0
-    for a, b in merged + [[t1, t1]]:
+    for a, b in device_busy(events) + [[t1, t1]]:
         if a > at:
             gaps.append((at, min(a, t1)))
         at = max(at, b)

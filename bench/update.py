@@ -19,7 +19,7 @@ from agents.batch import micro_batch_rows
 from agents.distributed import Dist, PlainEngine, ZeroEngine, init_distributed
 from agents.losses import agg_loss, policy_loss, value_loss
 from agents.policy import build_critic, chunked_sequence_logprobs, compile_layers, sequence_logprobs, sequence_values
-from bench.common import matmul_rate, n_params, random_qwen, table, write_results
+from bench.common import device_busy, matmul_rate, n_params, random_qwen, table, write_results
 
 
 def model_flops(actor, critic, lengths: list[int]) -> float:
@@ -111,8 +111,25 @@ def engines(actor, critic, stage: str | None, dist_: Dist):
     return tuple(ZeroEngine(m, stage, 1e-6, 0.0, 1.0, 0, dist_) for m in (actor, critic))
 
 
+def profile_step(actor, critic, groups, logprob_fn, pack: bool, rows: int = 20) -> dict:
+    """One step under the profiler: its wall time against the device's busy time (a gap means the
+    host held the device up), and the kernels and host operations that take the most time."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        step(actor, critic, groups, logprob_fn, pack)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    busy = sum(b - a for a, b in device_busy(prof.events())) / 1e6
+    print(f"profiled step: wall {wall:.3f} s, device busy {busy:.3f} s", flush=True)
+    for key in ("cuda_time_total", "self_cpu_time_total"):
+        print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60), flush=True)
+    return {"profiled_wall_s": wall, "profiled_busy_s": busy}
+
+
 def measure(name, actor, critic, seqs, budget, sort, logprob_fn, peak, flops, repeats: int = 3,
-            pack: bool = False) -> dict:
+            pack: bool = False, profile: bool = False) -> dict:
     groups = groups_of(seqs, budget, sort, pack)
     step(actor, critic, groups, logprob_fn, pack)  # warm-up (optimizer state, kernels, compiles)
     torch.cuda.synchronize()
@@ -124,9 +141,12 @@ def measure(name, actor, critic, seqs, budget, sort, logprob_fn, peak, flops, re
     sec = (time.perf_counter() - t) / repeats
     lengths = [len(s) for s in seqs]
     padded_tokens = sum(lengths) if pack else sum(len(g) * max(len(s) for s in g) for g in groups)
-    return {"path": name, "step_s": sec, "tokens": sum(lengths), "padding_pct": 100 * (1 - sum(lengths) / padded_tokens),
-            "micro_batches": len(groups), "tok_s": sum(lengths) / sec, "TFLOP_s": flops / sec / 1e12,
-            "mfu_pct": 100 * flops / sec / peak, "mem_GB": torch.cuda.max_memory_allocated() / 2**30}
+    row = {"path": name, "step_s": sec, "tokens": sum(lengths), "padding_pct": 100 * (1 - sum(lengths) / padded_tokens),
+           "micro_batches": len(groups), "tok_s": sum(lengths) / sec, "TFLOP_s": flops / sec / 1e12,
+           "mfu_pct": 100 * flops / sec / peak, "mem_GB": torch.cuda.max_memory_allocated() / 2**30}
+    if profile:
+        row.update(profile_step(actor, critic, groups, logprob_fn, pack))
+    return row
 
 
 def main() -> None:
@@ -143,6 +163,8 @@ def main() -> None:
     p.add_argument("--only", default="", help="run only the rows whose name contains this text (DeepSpeed keeps "
                    "some memory after its engines are deleted: time ZeRO-3 in a process of its own)")
     p.add_argument("--compile", action="store_true", help="torch.compile every decoder layer (model.compile_layers)")
+    p.add_argument("--profile", action="store_true", help="profile one more step of each row: wall against device "
+                   "busy time, top kernels and host operations")
     p.add_argument("--tag", default="", help="written to bench/results/update_<tag>_<gpu>_<date>.json")
     args = p.parse_args()
     peak = matmul_rate()
@@ -164,7 +186,8 @@ def main() -> None:
         a = c = None
         try:
             a, c = engines(actor, critic, stage, dist_)
-            rows.append(measure(name, a, c, seqs, budget, sort, logprob_fn, peak, flops, pack=pack))
+            rows.append(measure(name, a, c, seqs, budget, sort, logprob_fn, peak, flops, pack=pack,
+                                profile=args.profile))
         except Exception as e:  # a row that fails (e.g. a compile error) is reported, the others still run
             rows.append({"path": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"})
         print(rows[-1], flush=True)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from tiny import TINY_RUN
 
-from agents.distributed import per_rank, sanitize_cuda_arch_list
+from agents.distributed import deepspeed_config, per_rank, sanitize_cuda_arch_list
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = str(ROOT / "tests" / "dist_worker.py")
@@ -113,3 +113,11 @@ def test_cuda_arch_list_letters_are_stripped_for_deepspeed_builds():
     env = {"TORCH_CUDA_ARCH_LIST": "8.0;9.0a;10.0+PTX"}
     sanitize_cuda_arch_list(env)
     assert env["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0;10.0+PTX"
+
+
+def test_one_process_zero2_turns_off_gradient_communication_machinery():
+    zero = lambda name, n: deepspeed_config(name, 1e-6, 0.0, 1.0, True, processes=n)["zero_optimization"]
+    assert not zero("zero2", 1)["overlap_comm"] and not zero("zero2", 1)["contiguous_gradients"]
+    assert zero("zero2", 2)["overlap_comm"] and zero("zero2", 2)["contiguous_gradients"]  # the file's values
+    assert zero("zero3", 1) == zero("zero3", 2)
+
