@@ -690,11 +690,12 @@ class FastEngine:
         waiting = deque(range(n))
         slots = [Slot() for _ in range(self.net.slots)]
 
-        def accept(s: Slot, token: int, lp: float) -> None:
-            """Push one chosen token of slot s's episode."""
-            logps[s.episode].append(lp)
-            stats.generated_tokens += 1
-            env.push(s.episode, token)
+        def accept(s: Slot, tokens: list[int], lps: list[float]) -> int:
+            """Push chosen tokens of slot s's episode up to the env's stop; returns how many it took."""
+            n = env.push_many(s.episode, tokens)
+            logps[s.episode].extend(lps[:n])
+            stats.generated_tokens += n
+            return n
 
         # A pipeline of one burst: the next burst starts before the host reads the last one's tokens, so
         # the env's work overlaps the device's. A row the device froze (a stop string, EOS, its stop
@@ -795,11 +796,11 @@ class FastEngine:
             if s.episode is None or self.epoch[row] != burst.epoch[row]:
                 continue
             ep = env.episodes[s.episode]
-            for j in range(self.burst):
-                if not valid[row][j] or ep.state != GENERATING:
-                    break  # a row the env stopped first decodes on until its upload, into cache it overwrites
-                s.token, s.pos = tok[row][j], s.pos + 1
-                accept(s, s.token, lp[row][j])
+            decoded = valid[row].index(False) if False in valid[row] else self.burst  # the row froze there
+            if decoded and ep.state == GENERATING:
+                # a row the env stops first decodes on until its upload, into cache it overwrites
+                n = accept(s, tok[row][:decoded], lp[row][:decoded])
+                s.token, s.pos = tok[row][n - 1], s.pos + n
             if ep.state == GENERATING and s.pos >= self.max_len:
                 self._out_of_room(ep, s.pos + 1)
             if ep.state == GENERATING and not active[row]:

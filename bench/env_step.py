@@ -1,5 +1,6 @@
 """CPU benchmark: the cost of `MultiRouteEnv.step()` per policy token at episode lengths 100, 1000
-and 4000 tokens, with a simulated candidate call every few hundred tokens; it should stay flat.
+and 4000 tokens, with a simulated candidate call every few hundred tokens; it should stay flat. Then
+the batched env as the rollout engine drives it: `push` per token against `push_many` per burst of 8.
 
     python -m bench.env_step
 """
@@ -13,7 +14,8 @@ from bench.common import bpe_tokenizer, table, write_results
 from envs.candidates import CandidatePool, CandidateSpec
 from envs.candidates.simulated import SimulatedBackend
 from envs.env import MultiRouteEnv
-from envs.episode import EpisodeConfig
+from envs.episode import GENERATING, EpisodeConfig
+from envs.vector import MultiRouteVectorEnv
 
 CORPUS = ["<think> I should ask the expert about the river. </think> <search> Expert: Where is Korvan? </search>",
           "<info> Korvan is in Tessaly. </info> <answer> Tessaly </answer> the north sea river town people"]
@@ -58,7 +60,42 @@ def main() -> None:
     for r in rows:
         r["x_of_100"] = r["us_per_step"] / base
     print(table(rows, ["episode_tokens", "calls", "us_per_step", "x_of_100"]))
-    print(f"wrote {write_results('env_step', {'rows': rows})}")
+    pushes = push_rows(tok, pool, episode_tokens(tok, 1000, every=300))
+    print(table(pushes, ["push", "us_per_token"]))
+    print(f"wrote {write_results('env_step', {'rows': rows, 'push_rows': pushes})}")
+
+
+def push_rows(tok, pool, actions: list[int], episodes: int = 64, burst: int = 8) -> list[dict]:
+    """Seconds per policy token for `episodes` episodes fed their tokens burst by burst, as the
+    rollout engine feeds them, with `push` per token and with `push_many` per burst."""
+    env = MultiRouteVectorEnv(tok, pool, EpisodeConfig(max_response_tokens=10_000, max_turns=100,
+                                                       prompt_template="compact"))
+    examples = [{"question": "Where is Korvan?", "golden_answers": ["Tessaly"]}] * episodes
+
+    def one_by_one(i: int, chunk: list[int]) -> int:
+        """`push` per token until the episode leaves generating (the engine's way before `push_many`)."""
+        n = 0
+        while n < len(chunk) and env.episodes[i].state == GENERATING:
+            env.push(i, chunk[n])
+            n += 1
+        return n
+    rows = []
+    for name, push in (("push per token", one_by_one), ("push_many per burst", env.push_many)):
+        best = float("inf")
+        for _ in range(3):
+            env.reset(examples)
+            at, pushed, t = [0] * episodes, 0, time.perf_counter()
+            while any(a < len(actions) for a in at):
+                for i in range(episodes):
+                    if at[i] < len(actions) and not env.episodes[i].done:
+                        n = push(i, actions[at[i]:at[i] + burst])
+                        at[i], pushed = at[i] + n, pushed + n
+                    else:
+                        at[i] = len(actions)
+                env.resolve()
+            best = min(best, (time.perf_counter() - t) / pushed)
+        rows.append({"push": name, "us_per_token": 1e6 * best})
+    return rows
 
 
 if __name__ == "__main__":

@@ -55,6 +55,10 @@ class MultiRouteVectorEnv:
         """Append one policy token to episode i; returns its state (generating, calling or done)."""
         return self.episodes[i].push(token)
 
+    def push_many(self, i: int, tokens: Sequence[int]) -> int:
+        """Append policy tokens to episode i until its state leaves generating; returns how many it took."""
+        return self.episodes[i].push_many(tokens)
+
     def resolve(self) -> dict[int, list[int]]:
         """Make the pending calls of all calling episodes concurrently; return inserted ids by episode."""
         self.submit()

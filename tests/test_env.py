@@ -9,6 +9,7 @@ import envs  # noqa: F401  (registers MultiRoute-v0)
 from envs import EpisodeConfig, MultiRouteEnv, MultiRouteVectorEnv
 from envs.candidates import CandidatePool, CandidateSpec
 from envs.candidates.simulated import SimulatedBackend
+from envs.episode import CALLING
 from tiny import encode, tiny_metaspace_tokenizer, tiny_tag_tokenizer, tiny_tokenizer
 
 SPECS = [CandidateSpec("Geo-Expert", "geo", 1, 0.2, description="geography"),
@@ -224,3 +225,34 @@ def test_pool_submit_gives_each_call_its_own_future_in_input_order():
     assert [f.result(timeout=5).reply for f in futures] == ["re slow 0", "re fast 1", "re fast 2"]
     assert pool.submit([]) == []
     pool.close()
+
+
+@pytest.mark.parametrize("make_tok", [tiny_tokenizer, tiny_tag_tokenizer, tiny_metaspace_tokenizer])
+@pytest.mark.parametrize("limit", [7, 23, 200])
+def test_push_many_equals_pushing_one_token_at_a_time(make_tok, limit):
+    tok = make_tok()
+    text = GOOD + " Tessaly, as 🙂 北京 says <think> more </think>" + GOOD + " and so" + ANSWER + " trailing"
+    ids = encode(tok, text)
+    ids = ids[:30] + [tok.eos_token_id] + ids[30:] if limit == 200 else ids  # an EOS mid-way in one case
+    rng = np.random.default_rng(limit)
+
+    def play(push):
+        env = MultiRouteVectorEnv(tok, make_pool(), EpisodeConfig(max_response_tokens=limit))
+        env.reset([{"question": "q?", "golden_answers": ["Tessaly"]}])
+        ep, at = env.episodes[0], 0
+        while at < len(ids) and not ep.done:
+            at += push(ep, ids[at:])
+            if ep.state == CALLING:
+                ep.insert_reply(None)
+        return ep, at
+
+    def one_by_one(ep, rest):
+        ep.push(rest[0])
+        return 1
+
+    def chunks(ep, rest):
+        return ep.push_many(rest[:int(rng.integers(1, 12))])
+    (a, at_a), (b, at_b) = play(one_by_one), play(chunks)
+    assert at_a == at_b and a.response_ids == b.response_ids and a.inserted == b.inserted
+    assert (a.text, a.state, a.end_reason, a.turns, a.policy_tokens) == (b.text, b.state, b.end_reason, b.turns,
+                                                                          b.policy_tokens)
