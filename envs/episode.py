@@ -70,11 +70,14 @@ _CLOSERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def tag_closing_ids(tokenizer) -> frozenset[int]:
-    """The ids whose text holds '>', the only tokens that can complete a tag (cached per tokenizer)."""
-    if tokenizer not in _CLOSERS:
+    """The ids whose text holds '>', the only tokens that can complete a tag (cached per tokenizer
+    and its size, so tokens added later are seen)."""
+    size, closers = _CLOSERS.get(tokenizer, (None, None))
+    if size != len(tokenizer):
         texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=False)
-        _CLOSERS[tokenizer] = frozenset(i for i, text in enumerate(texts) if ">" in text)
-    return _CLOSERS[tokenizer]
+        closers = frozenset(i for i, text in enumerate(texts) if ">" in text)
+        _CLOSERS[tokenizer] = (len(tokenizer), closers)
+    return closers
 
 
 @dataclass

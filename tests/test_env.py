@@ -9,7 +9,7 @@ import envs  # noqa: F401  (registers MultiRoute-v0)
 from envs import EpisodeConfig, MultiRouteEnv, MultiRouteVectorEnv
 from envs.candidates import CandidatePool, CandidateSpec
 from envs.candidates.simulated import SimulatedBackend
-from envs.episode import CALLING
+from envs.episode import CALLING, tag_closing_ids
 from tiny import encode, tiny_metaspace_tokenizer, tiny_tag_tokenizer, tiny_tokenizer
 
 SPECS = [CandidateSpec("Geo-Expert", "geo", 1, 0.2, description="geography"),
@@ -256,3 +256,11 @@ def test_push_many_equals_pushing_one_token_at_a_time(make_tok, limit):
     assert at_a == at_b and a.response_ids == b.response_ids and a.inserted == b.inserted
     assert (a.text, a.state, a.end_reason, a.turns, a.policy_tokens) == (b.text, b.state, b.end_reason, b.turns,
                                                                           b.policy_tokens)
+
+
+def test_tag_closing_ids_see_tokens_added_later():
+    tok = tiny_tokenizer()
+    before = tag_closing_ids(tok)
+    assert before and all(">" in tok.decode([i]) for i in before)
+    tok.add_tokens(["<route>"])
+    assert tag_closing_ids(tok) == before | {tok.convert_tokens_to_ids("<route>")}
