@@ -131,4 +131,3 @@ def device_busy(events) -> list[list[float]]:
         else:
             merged.append([a, b])
     return merged
-
