@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from agents import decode_attention
 from agents.rollout import ForcedSchedule, RolloutStats, episode_seed
-from envs.episode import CALLING, GENERATING, eos_token_ids
+from envs.episode import CALLING, GENERATING, eos_token_ids, token_texts
 from envs.tags import STOP_STRINGS
 from envs.vector import MultiRouteVectorEnv
 
@@ -308,7 +308,7 @@ class FastModel:
         N = ids.shape[0]
         rows = torch.arange(N, device=ids.device) if slots is None else slots
         cos, sin = self.cos[positions][:, :, None], self.sin[positions][:, :, None]
-        mask = self.attention_mask(positions, kv_len, from_start and ids.shape[1] > 1)
+        mask = self.attention_mask(positions, kv_len, from_start)
         x = F.embedding(ids, self.embed)
         delta = torch.zeros_like(x)
         layer = (self.compiled_layer if slots is None else self.compiled_prefill) or decoder_layer
@@ -334,8 +334,7 @@ def supports(model) -> bool:
 def token_tails(tokenizer, vocab_size: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The last `width` characters of every token's text as codes, right-aligned ((V, width) int32,
     0 = no character), and how many there are ((V,) long)."""
-    n = min(len(tokenizer), vocab_size)
-    texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False)
+    texts = token_texts(tokenizer)[:vocab_size]
     codes = torch.zeros(vocab_size, width, dtype=torch.int32)
     lengths = torch.zeros(vocab_size, dtype=torch.long)
     for i, text in enumerate(texts):

@@ -66,18 +66,28 @@ def eos_token_ids(tokenizer, extra: Sequence[int] = ()) -> frozenset[int]:
     return frozenset(ids)
 
 
-_CLOSERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_VOCAB: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (size, texts, '>' ids)
 
 
-def tag_closing_ids(tokenizer) -> frozenset[int]:
-    """The ids whose text holds '>', the only tokens that can complete a tag (cached per tokenizer
-    and its size, so tokens added later are seen)."""
-    size, closers = _CLOSERS.get(tokenizer, (None, None))
+def _vocab(tokenizer) -> tuple[list[str], frozenset[int]]:
+    """Each id's text on its own and the ids whose text holds '>', decoded once per tokenizer and
+    its size (so tokens added later are seen)."""
+    size, texts, closers = _VOCAB.get(tokenizer, (None, None, None))
     if size != len(tokenizer):
         texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=False)
         closers = frozenset(i for i, text in enumerate(texts) if ">" in text)
-        _CLOSERS[tokenizer] = (len(tokenizer), closers)
-    return closers
+        _VOCAB[tokenizer] = (len(tokenizer), texts, closers)
+    return texts, closers
+
+
+def token_texts(tokenizer) -> list[str]:
+    """The text of every id of the tokenizer on its own, special tokens included (cached)."""
+    return _vocab(tokenizer)[0]
+
+
+def tag_closing_ids(tokenizer) -> frozenset[int]:
+    """The ids whose text holds '>', the only tokens that can complete a tag (cached)."""
+    return _vocab(tokenizer)[1]
 
 
 @dataclass
