@@ -8,6 +8,7 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -180,6 +181,14 @@ def decoder_layer(x, delta, norm1, qkv, qkv_bias, out, norm2, gate_up, down, kc,
     return x, F.linear(F.silu(gate) * up, down)
 
 
+def _rows_and_width_symbolic(*tensors: torch.Tensor) -> None:
+    """Compile a prefill once for every row count and width: the first two dimensions of its inputs
+    are symbolic from the first compile, not after a recompile (a size of 1 still gets its own graph)."""
+    for t in tensors:
+        for dim in range(min(t.dim(), 2)):
+            torch._dynamo.maybe_mark_dynamic(t, dim)
+
+
 def matmul_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                             hidden_mask: torch.Tensor) -> torch.Tensor:
     """Grouped-query attention of one query per row, q (N, 1, heads, d), over keys and values
@@ -274,19 +283,19 @@ class FastModel:
         for dst, src in zip(mine, theirs):
             dst.copy_(src)
 
-    def compile(self, autotune: bool = False) -> None:
+    def compile(self, autotune: bool = False, backend: str | Callable = "inductor") -> None:
         """Fuse each layer's small operations with torch.compile (GPU): decode once per cache length,
-        shared by all layers; prefill with automatic dynamic shapes, since its shapes vary more: static at
-        first, then symbolic in the sizes that changed (rows, width, cache length), the weights' sizes
-        staying constants (with every size symbolic, the elementwise kernels computed their indices
-        from runtime sizes, and a 0.5B phase's prefills took 124 ms of device time instead of 94).
+        shared by all layers; prefill once for all row counts and widths (`forward` marks them
+        symbolic), the weights' sizes staying constants (with every size symbolic, the elementwise
+        kernels computed their indices from runtime sizes, and a 0.5B phase's prefills took 124 ms of
+        device time instead of 94), and once more when the cache length first changes.
         `autotune`: the decode layer's matmuls are chosen by timing Triton and cuBLAS kernels
-        (inductor's max-autotune; slower to compile)."""
+        (inductor's max-autotune; slower to compile). `backend`: torch.compile's (tests count graphs)."""
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # shapes x buckets
-        self.compiled_layer = torch.compile(decoder_layer, dynamic=False,
-                                            mode="max-autotune-no-cudagraphs" if autotune else None)
-        self.compiled_prefill = torch.compile(decoder_layer, dynamic=None)
-        self.compiled_final = torch.compile(final_hidden, dynamic=None)
+        mode = "max-autotune-no-cudagraphs" if autotune and backend == "inductor" else None
+        self.compiled_layer = torch.compile(decoder_layer, dynamic=False, mode=mode, backend=backend)
+        self.compiled_prefill = torch.compile(decoder_layer, dynamic=None, backend=backend)
+        self.compiled_final = torch.compile(final_hidden, dynamic=None, backend=backend)
 
     def attention_mask(self, positions: torch.Tensor, kv_len: int, from_start: bool) -> torch.Tensor | None:
         """What the queries at `positions` (N, Lq) see of the first `kv_len` cache positions: key s is
@@ -312,10 +321,17 @@ class FastModel:
         x = F.embedding(ids, self.embed)
         delta = torch.zeros_like(x)
         layer = (self.compiled_layer if slots is None else self.compiled_prefill) or decoder_layer
+        if slots is not None:
+            _rows_and_width_symbolic(x, delta, rows, slots, positions, cos, sin)
+            if mask is not None:  # (rows, 1, width, kv_len)
+                torch._dynamo.maybe_mark_dynamic(mask, 0)
+                torch._dynamo.maybe_mark_dynamic(mask, 2)
         for w, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
             x, delta = layer(x, delta, w.norm1, w.qkv, w.qkv_bias, w.out, w.norm2, w.gate_up, w.down, kc, vc, rows,
                              slots, positions, cos, sin, mask, kv_len, self.heads, self.kv_heads, self.eps,
                              self.fused_attention and slots is None)
+        if slots is not None:
+            _rows_and_width_symbolic(x, delta)
         return (self.compiled_final or final_hidden)(x, delta, self.final_norm, self.eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -530,21 +546,22 @@ class FastEngine:
         warm-up runs again: a compiler failure costs speed, never the run. Counted in `timings` (a shape
         seen for the first time)."""
         t0 = time.perf_counter()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            try:
+        with torch.no_grad():  # compiled for inference whoever calls first (compiled code guards on grad mode)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                try:
+                    work()
+                except Exception as e:
+                    if not drop_compiled():
+                        raise
+                    log.warning("compiling the %s failed (%s); running it in eager PyTorch in CUDA graphs", what,
+                                str(e).splitlines()[0] if str(e) else type(e).__name__)
+                    work()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
                 work()
-            except Exception as e:
-                if not drop_compiled():
-                    raise
-                log.warning("compiling the %s failed (%s); running it in eager PyTorch in CUDA graphs", what,
-                            str(e).splitlines()[0] if str(e) else type(e).__name__)
-                work()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            work()
         self.pool = graph.pool()
         self.timings["captures"] += 1
         self.timings["capture_s"] += time.perf_counter() - t0
@@ -644,7 +661,7 @@ class FastEngine:
             s.token, s.pos, s.restart = seq[-1], start + len(seq) - 1, True
         jobs = [(row, seq[:-1], start) for row, _, seq, start in jobs if len(seq) > 1]
         dev = self.net.device
-        rows_for = lambda n: min(_pow2_at_least(n), self.net.slots)
+        rows_for = lambda n: min(max(_pow2_at_least(n), 2), self.net.slots)  # one row would get a graph of its own
         i = 0
         while i < len(jobs):  # groups of at most `prefill_tokens` padded tokens
             group, longest = [jobs[i]], len(jobs[i][1])

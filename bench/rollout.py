@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import multiprocessing
 import time
 
 import numpy as np
@@ -76,8 +77,12 @@ def decode_limit(model, batch: int, mean_kv: float, bandwidth: float) -> tuple[f
     return step_bytes, batch / (step_bytes / bandwidth)
 
 
-def hf_generate(model, ids, new: int, cache: str | None) -> float:
-    """Seconds for `generate` of `new` tokens after `ids` (greedy, no early stop)."""
+def hf_generate(shape: str, batch: int, prompt: int, new: int, cache: str | None) -> float:
+    """Seconds for `generate` of `new` tokens after `batch` random prompts of `prompt` tokens (greedy,
+    no early stop), on the engine's model (same seed). Run in a child process of its own (`in_child`)."""
+    torch.manual_seed(0)
+    model = random_qwen(shape)
+    ids = torch.randint(2, 400, (batch, prompt), device="cuda")
     kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, eos_token_id=None)
     if cache:
         kw["cache_implementation"] = cache
@@ -87,6 +92,13 @@ def hf_generate(model, ids, new: int, cache: str | None) -> float:
     model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
     torch.cuda.synchronize()
     return time.perf_counter() - t
+
+
+def in_child(fn, *args):
+    """fn(*args) in a fresh spawned process: the baselines and the engine do not share compiled
+    code, allocator state or threads (in one process, whichever ran second was slower)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
 
 
 def pure_decode(engine: FastEngine, batch: int, prompt: int, new: int) -> float:
@@ -264,9 +276,8 @@ def run_shape(shape: str, batch: int, prompt: int, new: int, bandwidth: float, t
     step_bytes, limit = decode_limit(model, batch, prompt + new / 2, bandwidth)
     row.update(limit_tok_s=limit, step_MB=step_bytes / 1e6)
     if hf:
-        ids = torch.randint(2, 400, (batch, prompt), device="cuda")
         for cache in (None, "static"):
-            sec = hf_generate(model, ids, new, cache)
+            sec = in_child(hf_generate, shape, batch, prompt, new, cache)
             row[f"hf_{cache or 'default'}_tok_s"] = batch * new / sec
     # pure decode: one CUDA graph per burst, all rows active
     env = make_env(tok, new)
@@ -296,17 +307,22 @@ def run_shape(shape: str, batch: int, prompt: int, new: int, bandwidth: float, t
     # time in the garbage collector kept
     phases, gc_spent = [], gc_timer()
     for step in range(1, 8):
+        seen = set(engine.graphs) | set(engine.prefill_graphs)
         torch.cuda.synchronize()
         t, gc0 = time.perf_counter(), gc_spent[0]
         logps, stats = run_rollouts(model, env, examples, 1.0, 1.0, 0, step, 0, forced=forced, engine=engine)
         torch.cuda.synchronize()
         phases.append((time.perf_counter() - t, step, stats, dict(engine.timings), gc_spent[0] - gc0))
+        if engine.timings["captures"]:
+            print(f"phase {step}: {engine.timings['capture_s']:.1f} s capturing graphs of new shapes "
+                  f"{sorted((set(engine.graphs) | set(engine.prefill_graphs)) - seen, key=str)}", flush=True)
     sec, _, stats, tm, _ = sorted(phases, key=lambda p: p[2].generated_tokens / p[0])[len(phases) // 2]
     eps = env.episodes  # the last phase's (the same schedule and counts in every phase)
     row.update(e2e_tok_s=stats.generated_tokens / sec, e2e_pct_limit=100 * stats.generated_tokens / sec / limit,
                e2e_s=sec, e2e_s_phases=[p[0] for p in phases],
                e2e_tokens_phases=[p[2].generated_tokens for p in phases],
-               e2e_steps_phases=[p[3]["decode_steps"] for p in phases], e2e_gc_s_phases=[p[4] for p in phases], calls_per_ep=float(np.mean([len(e.calls) for e in eps])),
+               e2e_steps_phases=[p[3]["decode_steps"] for p in phases], e2e_gc_s_phases=[p[4] for p in phases],
+               e2e_capture_s_phases=[p[3]["capture_s"] for p in phases], calls_per_ep=float(np.mean([len(e.calls) for e in eps])),
                policy_tokens=stats.generated_tokens, inserted_tokens=sum(sum(e.inserted) for e in eps),
                prefill_rounds=stats.segments, graphs=len(engine.graphs) + len(engine.prefill_graphs),
                mem_GB=torch.cuda.max_memory_allocated() / 2**30, timings=tm)

@@ -9,7 +9,7 @@ from tiny import tiny_tokenizer
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from agents import decode_attention
-from agents.fast_decode import FastEngine, FastModel, choose_tokens, keyed_uniform, sample_scores
+from agents.fast_decode import FastEngine, FastModel, Slot, choose_tokens, keyed_uniform, sample_scores
 from agents.policy import (
     _model_inputs,
     build_critic,
@@ -89,6 +89,40 @@ def test_a_prefill_from_position_zero_attends_to_its_own_keys_as_the_cache_path_
     torch.testing.assert_close(causal[real], masked[real], atol=1e-5, rtol=1e-5)
     for a, b in zip(causal_cache, masked_cache):
         torch.testing.assert_close(a, b)
+
+
+def test_the_prefill_compiles_once_for_all_row_counts_and_widths():
+    """A training run meets prefills of many (rows, width) shapes: after the first of each kind (from
+    position 0 or not) and the first change of cache length, none compiles anew."""
+    net = FastModel(tiny_model(64), slots=8, max_len=64)
+    graphs = []
+    net.compile(backend=lambda gm, example_inputs: graphs.append(gm) or gm.forward)
+    net.compiled_layer = None  # decode is not under test
+
+    def prefill(n, width, start, kv_len):
+        positions = (start + torch.arange(width))[None].expand(n, width)
+        net.forward(torch.randint(3, 64, (n, width)), positions, torch.arange(n), kv_len, from_start=start == 0)
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        prefill(2, 16, 0, 32)
+        prefill(4, 16, 16, 32)
+        prefill(2, 16, 16, 64)
+    first = len(graphs)
+    with torch.no_grad():
+        for n, width, start, kv_len in [(4, 32, 0, 32), (8, 48, 0, 64), (8, 16, 32, 64), (2, 32, 16, 64), (4, 16, 8, 32)]:
+            prefill(n, width, start, kv_len)
+    assert len(graphs) == first
+
+
+def test_a_lone_rows_prefill_is_padded_to_two_rows():
+    """A size of 1 gets a compiled graph of its own: one row's prompt is written with a padding row."""
+    tok = tiny_tokenizer()
+    engine = FastEngine(tiny_model(len(tok)), tok, slots=4, max_len=64, bucket=32)
+    shapes, forward = [], engine.net.forward
+    engine.net.forward = lambda ids, *a, **k: shapes.append(tuple(ids.shape)) or forward(ids, *a, **k)
+    engine._prefill([(1, Slot(), list(range(3, 12)), 0)])
+    assert shapes == [(2, 16)]
 
 
 def test_multi_turn_with_inserted_replies_and_refilled_slots_equals_the_simple_path():
