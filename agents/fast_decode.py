@@ -166,8 +166,8 @@ def decoder_layer(x, delta, norm1, qkv, qkv_bias, out, norm2, gate_up, down, kc,
         if mask is None:  # every row starts at 0: its keys are its own tokens (padding comes last)
             attn = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                   is_causal=True, enable_gqa=True).transpose(1, 2)
-        else:
-            keys, values = kc[:, :, :kv_len], vc[:, :, :kv_len]
+        else:  # the mask's last dimension is kv_len (symbolic in a prefill: one graph for every cache length)
+            keys, values = kc[:, :, :mask.shape[-1]], vc[:, :, :mask.shape[-1]]
             if slots is not None:
                 keys, values = keys[slots], values[slots]
             if Lq == 1:
@@ -285,10 +285,10 @@ class FastModel:
 
     def compile(self, autotune: bool = False, backend: str | Callable = "inductor") -> None:
         """Fuse each layer's small operations with torch.compile (GPU): decode once per cache length,
-        shared by all layers; prefill once for all row counts and widths (`forward` marks them
-        symbolic), the weights' sizes staying constants (with every size symbolic, the elementwise
+        shared by all layers; prefill once for all row counts, widths and cache lengths (`forward` marks
+        them symbolic), the weights' sizes staying constants (with every size symbolic, the elementwise
         kernels computed their indices from runtime sizes, and a 0.5B phase's prefills took 124 ms of
-        device time instead of 94), and once more when the cache length first changes.
+        device time instead of 94).
         `autotune`: the decode layer's matmuls are chosen by timing Triton and cuBLAS kernels
         (inductor's max-autotune; slower to compile). `backend`: torch.compile's (tests count graphs)."""
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # shapes x buckets
@@ -324,8 +324,8 @@ class FastModel:
         if slots is not None:
             _rows_and_width_symbolic(x, delta, rows, slots, positions, cos, sin)
             if mask is not None:  # (rows, 1, width, kv_len)
-                torch._dynamo.maybe_mark_dynamic(mask, 0)
-                torch._dynamo.maybe_mark_dynamic(mask, 2)
+                for dim in (0, 2, 3):
+                    torch._dynamo.maybe_mark_dynamic(mask, dim)
         for w, kc, vc in zip(self.layers, self.k_cache, self.v_cache):
             x, delta = layer(x, delta, w.norm1, w.qkv, w.qkv_bias, w.out, w.norm2, w.gate_up, w.down, kc, vc, rows,
                              slots, positions, cos, sin, mask, kv_len, self.heads, self.kv_heads, self.eps,

@@ -247,7 +247,7 @@ def zero3_rollout(model, engine: FastEngine, env, examples, forced, step: int, e
     """The rollout phase of sampling step `step` with the policy inside a DeepSpeed ZeRO-3 engine
     (one process): the weights are gathered once, copied into the engine's buffers, and the phase
     decodes with no collective. The time counts the gather and the copy. Episodes must equal the
-    plain run's."""
+    plain run's of the same step (the median phase, whose tokens/s is `plain_tok_s`)."""
     from agents.distributed import ZeroEngine, init_distributed
     dist_ = init_distributed("cuda", use_deepspeed=True)
     zero = ZeroEngine(model, "zero3", 1e-6, 0.0, 1.0, 0, dist_)
@@ -312,17 +312,20 @@ def run_shape(shape: str, batch: int, prompt: int, new: int, bandwidth: float, t
         t, gc0 = time.perf_counter(), gc_spent[0]
         logps, stats = run_rollouts(model, env, examples, 1.0, 1.0, 0, step, 0, forced=forced, engine=engine)
         torch.cuda.synchronize()
-        phases.append((time.perf_counter() - t, step, stats, dict(engine.timings), gc_spent[0] - gc0))
+        phases.append((time.perf_counter() - t, step, stats, dict(engine.timings), gc_spent[0] - gc0,
+                       [e.response_ids for e in env.episodes]))
         if engine.timings["captures"]:
             print(f"phase {step}: {engine.timings['capture_s']:.1f} s capturing graphs of new shapes "
                   f"{sorted((set(engine.graphs) | set(engine.prefill_graphs)) - seen, key=str)}", flush=True)
-    sec, _, stats, tm, _ = sorted(phases, key=lambda p: p[2].generated_tokens / p[0])[len(phases) // 2]
+    median = sorted(phases, key=lambda p: p[2].generated_tokens / p[0])[len(phases) // 2]
+    sec, median_step, stats, tm, _, median_ids = median
     eps = env.episodes  # the last phase's (the same schedule and counts in every phase)
     row.update(e2e_tok_s=stats.generated_tokens / sec, e2e_pct_limit=100 * stats.generated_tokens / sec / limit,
                e2e_s=sec, e2e_s_phases=[p[0] for p in phases],
                e2e_tokens_phases=[p[2].generated_tokens for p in phases],
                e2e_steps_phases=[p[3]["decode_steps"] for p in phases], e2e_gc_s_phases=[p[4] for p in phases],
-               e2e_capture_s_phases=[p[3]["capture_s"] for p in phases], calls_per_ep=float(np.mean([len(e.calls) for e in eps])),
+               e2e_capture_s_phases=[p[3]["capture_s"] for p in phases],
+               calls_per_ep=float(np.mean([len(e.calls) for e in eps])),
                policy_tokens=stats.generated_tokens, inserted_tokens=sum(sum(e.inserted) for e in eps),
                prefill_rounds=stats.segments, graphs=len(engine.graphs) + len(engine.prefill_graphs),
                mem_GB=torch.cuda.max_memory_allocated() / 2**30, timings=tm)
@@ -350,8 +353,7 @@ def run_shape(shape: str, batch: int, prompt: int, new: int, bandwidth: float, t
     d = torch.cat(diffs).float()
     row.update(logp_mismatch_mean=float(d.mean()), logp_mismatch_p99=float(d.quantile(0.99)))
     if zero3:  # last: the model is partitioned from here on
-        row.update(zero3_rollout(model, engine, env, examples, forced, phases[-1][1], [e.response_ids for e in eps],
-                                  row["e2e_tok_s"]))
+        row.update(zero3_rollout(model, engine, env, examples, forced, median_step, median_ids, row["e2e_tok_s"]))
     del engine, model
     torch.cuda.empty_cache()
     return row
