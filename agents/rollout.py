@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from agents.sampling import sample_tokens
 from envs.episode import GENERATING
 from envs.vector import MultiRouteVectorEnv
 
@@ -24,29 +25,6 @@ def episode_generator(seed: int, step: int, index: int, device: str | torch.devi
     g = torch.Generator(device=device)
     g.manual_seed(episode_seed(seed, step, index))
     return g
-
-
-def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
-                  generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row from softmax(logits / T) restricted to the top-p nucleus; T = 0 is
-    greedy. Exact: the Gumbel-max trick over the (renormalised) nucleus, with each row's noise drawn
-    from that row's own generator. Returns tokens (R,) and their log-probabilities (R,) under the
-    distribution actually sampled from."""
-    logits = logits.float()
-    if temperature == 0:
-        tokens = logits.argmax(-1)
-        return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
-    logp = torch.log_softmax(logits / temperature, -1)
-    if top_p < 1.0:
-        sorted_lp, order = logp.sort(-1, descending=True)
-        sorted_p = sorted_lp.exp()
-        drop_sorted = (sorted_p.cumsum(-1) - sorted_p) >= top_p  # the token that crosses top_p is kept
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logp = torch.log_softmax(logp.masked_fill(drop, float("-inf")), -1)
-    noise = torch.stack([torch.rand(logits.shape[-1], generator=g) for g in generators]).to(logits.device)
-    gumbel = -torch.log(-torch.log(noise.clamp_min(1e-20)))
-    tokens = (logp + gumbel).argmax(-1)  # Gumbel-max: an exact sample of softmax(logp)
-    return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
 @dataclass

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import yaml
 
-from agents import fast_decode
+from agents import fast_decode, fast_model
 from agents.advantages import AdvantageConfig, AdvantageInput, get_advantage, grpo_group_ids, repeat_for_group
 from agents.batch import RolloutBatch, build_batch, micro_batch_rows, micro_batches
 from agents.config import TrainConfig, redacted
@@ -153,9 +153,9 @@ class Trainer:
         are gathered), or None for the simple path. Built once: CUDA graphs are captured per shape."""
         r = self.cfg.rollout
         if r.engine == "simple" or (r.engine == "auto" and not (self.dist.device.type == "cuda"
-                                                                and fast_decode.supports(policy))):
+                                                                and fast_model.supports(policy))):
             return None
-        if not fast_decode.supports(policy):
+        if not fast_model.supports(policy):
             raise ValueError(f"rollout.engine=fast supports Qwen2 and Llama policies, not {policy.config.model_type!r}; "
                              "use rollout.engine=simple")
         if self.fast is not None:

@@ -14,7 +14,7 @@ import math
 import torch
 
 from agents.decode_attention import decode_attention
-from agents.fast_decode import matmul_decode_attention
+from agents.fast_model import matmul_decode_attention
 from bench.common import copy_bandwidth, table, time_cuda, write_results
 
 SHAPES = {"0.5b": (24, 14, 2, 64), "1.5b": (28, 12, 2, 128), "3b": (36, 16, 2, 128)}  # layers, heads, kv heads, d

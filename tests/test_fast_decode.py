@@ -9,7 +9,9 @@ from tiny import tiny_tokenizer
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from agents import decode_attention
-from agents.fast_decode import FastEngine, FastModel, Slot, choose_tokens, keyed_uniform, sample_scores
+from agents.fast_decode import FastEngine, Slot
+from agents.fast_model import FastModel
+from agents.sampling import choose_tokens, keyed_uniform, sample_scores
 from agents.policy import (
     _model_inputs,
     build_critic,

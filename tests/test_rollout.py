@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 
 from agents.batch import build_batch, micro_batches
 from agents.policy import sequence_logprobs
-from agents.rollout import episode_generator, run_rollouts, sample_tokens
+from agents.rollout import episode_generator, run_rollouts
+from agents.sampling import sample_tokens
 from envs.candidates import CandidatePool, CandidateSpec
 from envs.candidates.simulated import SimulatedBackend
 from envs.episode import EpisodeConfig
