@@ -1,8 +1,7 @@
 """The fast rollout engine computes what the simple path computes: same greedy episodes and
-log-probs (with calls, inserted replies and refilled slots), an exact keyed sampler, and the
-chunked log-prob path equal to the plain one."""
+log-probs (with calls, inserted replies and refilled slots), and the chunked log-prob path
+equal to the plain one."""
 
-import numpy as np
 import pytest
 import torch
 from tiny import tiny_tokenizer
@@ -11,7 +10,6 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 from agents import decode_attention
 from agents.fast_decode import FastEngine, Slot
 from agents.fast_model import FastModel
-from agents.sampling import choose_tokens, keyed_uniform, sample_scores
 from agents.policy import (
     _model_inputs,
     build_critic,
@@ -299,43 +297,6 @@ def test_sampled_logprobs_match_a_teacher_forced_forward_and_do_not_depend_on_sl
         assert torch.allclose(torch.tensor(row), tf[0, len(ep.prompt_ids):], atol=1e-4)
 
 
-def _choose(logits, temperature, top_p, key, count):
-    one = torch.ones(logits.shape[0], dtype=torch.long)
-    return choose_tokens(logits, temperature, top_p, key * one, count, torch.full((1,), -1))
-
-
-def test_keyed_sampler_frequencies_match_the_tempered_distribution():
-    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
-    tokens, logp = _choose(logits, 0.7, 1.0, 12345, torch.arange(4000))
-    expected = torch.softmax(logits[0] / 0.7, -1)
-    counts = np.bincount(tokens.numpy(), minlength=4) / 4000
-    assert np.abs(counts - expected.numpy()).max() < 0.03
-    assert torch.allclose(logp, expected.log()[tokens], atol=1e-6)
-
-
-def test_keyed_sampler_top_p_keeps_the_nucleus_and_renormalises():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(500, 1)
-    tokens, logp = _choose(logits, 1.0, 0.8, 3, torch.arange(500))
-    assert set(tokens.tolist()) == {0, 1}
-    expected = torch.tensor([0.5 / 0.8, 0.3 / 0.8])[tokens]
-    assert torch.allclose(logp.exp(), expected, rtol=1e-5)
-
-
-@pytest.mark.parametrize("vocab,block", [(1000, 64), (1024, 64), (7, 1024)])
-def test_blockwise_cdf_inversion_equals_one_cumsum_over_the_row(vocab, block):
-    g = torch.Generator().manual_seed(vocab)
-    probs = torch.rand(50, vocab, generator=g) * (torch.rand(50, vocab, generator=g) > 0.3)  # zeros too
-    probs[0, block:] = 0  # whole blocks without mass
-    u = torch.rand(50, generator=g, dtype=torch.float64)
-    cum = probs.cumsum(-1, dtype=torch.float64)
-    expected = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True).squeeze(-1)
-    scores = probs.log() + 3.0  # log-probabilities up to a constant
-    got, log_z = sample_scores(scores, u, block)
-    assert torch.equal(got, expected)
-    assert bool((probs.gather(-1, expected[:, None]) > 0).all())
-    assert torch.allclose(log_z, torch.logsumexp(scores, -1), atol=1e-5)
-
-
 def test_triton_attention_is_refused_where_the_kernel_cannot_run(interpreted_triton):
     tok = tiny_tokenizer()
     model = tiny_model(len(tok))  # head size 8: below the kernel's 16
@@ -360,7 +321,6 @@ def test_split_kv_attention_kernel_equals_softmax_attention_over_each_rows_lengt
             v = v_cache[n, :, :length].repeat_interleave(group, 0)
             expected = torch.softmax(q[n, :, None] @ k.transpose(-1, -2) * dim ** -0.5, -1) @ v
             torch.testing.assert_close(got[n], expected[:, 0], atol=1e-5, rtol=1e-5)
-
 
 
 def _rope_case(heads, kv_heads, dim, dtype, positions=(0, 16, 31, 43, 46, 63), T=64):
@@ -423,24 +383,6 @@ def test_split_kv_attention_takes_the_new_key_value_and_rope_rows_all_or_none(in
     with pytest.raises(ValueError, match="contiguous"):
         interpreted_triton.decode_attention(q, k_cache, v_cache, positions, 44, k_new=k, v_new=v, cos=cos,
                                             sin=torch.cat([sin] * 2, -1)[:, ::2])
-
-
-def test_keyed_uniform_is_uniform_and_keyed():
-    u = keyed_uniform(torch.full((20000,), 99), torch.arange(20000))
-    assert 0 < float(u.min()) and float(u.max()) < 1
-    assert np.abs(np.histogram(u.numpy(), bins=10, range=(0, 1))[0] / 20000 - 0.1).max() < 0.01
-    assert not torch.equal(u[:100], keyed_uniform(torch.full((100,), 98), torch.arange(100)))
-
-
-def test_forced_ids_override_only_their_counts():
-    logits = torch.randn(3, 9)
-    keys, counts = torch.zeros(3, dtype=torch.long), torch.tensor([4, 5, 9])
-    forced_ids = torch.tensor([-1] * 5 + [7, 8, -1])  # counts 5 and 6 forced; count 9 is past the table
-    free, free_lp = choose_tokens(logits, 0.5, 1.0, keys, counts, torch.full((8,), -1))
-    tokens, logp = choose_tokens(logits, 0.5, 1.0, keys, counts, forced_ids)
-    assert tokens.tolist() == [int(free[0]), 7, int(free[2])]
-    assert float(logp[1]) == pytest.approx(float(torch.log_softmax(logits[1] / 0.5, -1)[7]), abs=1e-6)
-    assert logp[0] == free_lp[0] and logp[2] == free_lp[2]
 
 
 def test_chunked_logprobs_and_gradients_equal_the_plain_path():

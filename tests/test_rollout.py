@@ -1,14 +1,11 @@
-"""The rollout engine: exact sampling, the simple-path equivalence, batch layout independence, masks."""
+"""The rollout engine: the simple-path equivalence, batch layout independence, masks."""
 
-import numpy as np
-import pytest
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from agents.batch import build_batch, micro_batches
 from agents.policy import sequence_logprobs
 from agents.rollout import episode_generator, run_rollouts
-from agents.sampling import sample_tokens
 from envs.candidates import CandidatePool, CandidateSpec
 from envs.candidates.simulated import SimulatedBackend
 from envs.episode import EpisodeConfig
@@ -31,36 +28,6 @@ def make_env(tok, max_tokens=12):
 
 
 EXAMPLES = [{"question": q, "golden_answers": ["x"]} for q in ("Where is Korvan?", "Who is he?", "A much longer question here?")]
-
-
-def test_greedy_is_argmax_and_logprob_is_log_softmax():
-    logits = torch.randn(3, 11)
-    tokens, logp = sample_tokens(logits, 0.0, 1.0, [torch.Generator() for _ in range(3)])
-    assert torch.equal(tokens, logits.argmax(-1))
-    assert torch.allclose(logp, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1))
-
-
-def test_sampling_frequencies_match_the_tempered_distribution():
-    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
-    g = torch.Generator().manual_seed(0)
-    counts = np.zeros(4)
-    for _ in range(4000):
-        t, _ = sample_tokens(logits, 0.7, 1.0, [g])
-        counts[int(t)] += 1
-    expected = torch.softmax(logits[0] / 0.7, -1).numpy()
-    assert np.abs(counts / counts.sum() - expected).max() < 0.03
-
-
-def test_top_p_never_samples_outside_the_nucleus_and_renormalises():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    g = torch.Generator().manual_seed(1)
-    seen = set()
-    for _ in range(500):
-        t, logp = sample_tokens(logits, 1.0, 0.8, [g])
-        seen.add(int(t))
-        expected = {0: 0.5 / 0.8, 1: 0.3 / 0.8}[int(t)]  # nucleus {0, 1}: 0.5 + 0.3 reaches 0.8
-        assert float(logp.exp()) == pytest.approx(expected, rel=1e-5)
-    assert seen == {0, 1}
 
 
 def test_greedy_rollout_equals_transformers_generate():
