@@ -8,9 +8,15 @@ import json
 
 import matplotlib.image
 import pytest
+import torch
 import yaml
+from tiny import tiny_tokenizer
+from transformers import AutoModelForCausalLM, Qwen2Config
 
 import evaluate
+from agents.routers import make_router
+from envs.episode import EpisodeConfig
+from rewards.metrics import apgr
 
 POOL = "configs/candidates/llmrouter_replay.yaml"
 QUESTIONS = [  # (question, golden answer) rows of data/llmrouter/default_query_test.jsonl
@@ -90,3 +96,72 @@ def test_unknown_router_stops_before_anything_is_written(tmp_path, small_file):
 def test_unknown_config_key_is_an_error(tmp_path, small_file):
     with pytest.raises(ValueError, match="unknown config key"):
         evaluate.load_eval_config(config(tmp_path, small_file), ["routers.nope=1"])
+
+
+def test_a_two_model_pool_reports_each_routers_apgr_and_cpt(tmp_path):
+    """With two candidates the cheaper is the weak model and the other the strong one; each router's
+    curve gets APGR and CPT(50%) over the share of questions that called the strong model."""
+    pool = yaml.safe_load(open(POOL))
+    pool["candidates"] = [c for c in pool["candidates"] if c["name"] in ("Gemma-2-9B-IT", "Llama-3.3-Nemotron-Super-49B-v1")]
+    (tmp_path / "pool.yaml").write_text(yaml.safe_dump(pool))
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(yaml.safe_dump({"task": "llmrouter", "pool": str(tmp_path / "pool.yaml"), "max_questions": 16,
+                                   "bootstrap_resamples": 20, "episode": {"max_response_tokens": 4096}}))
+    result = evaluate.main(["--config", str(cfg), "--routers", "cheapest,largest,random", "--out", str(tmp_path / "out")])
+    weak, strong, weak_em, strong_em = result["two_model"]
+    assert (weak, strong) == ("Gemma-2-9B-IT", "Llama-3.3-Nemotron-Super-49B-v1")  # 0.1 against 0.9 $/M
+    rows = {r["router"]: r for r in result["rows"]}
+    assert rows["cheapest"]["strong_share"] == 0.0 and rows["largest"]["strong_share"] == 1.0
+    assert rows["cheapest"]["metrics"]["by_dataset"]["overall"]["em"] == pytest.approx(weak_em)
+    assert rows["largest"]["metrics"]["by_dataset"]["overall"]["em"] == pytest.approx(strong_em)
+    assert result["curves"]["cheapest"]["apgr"] == pytest.approx(0.5)  # the endpoints alone: a straight line
+    share, em = rows["random"]["strong_share"], rows["random"]["metrics"]["by_dataset"]["overall"]["em"]
+    assert 0 < share < 1
+    assert result["curves"]["random"]["apgr"] == pytest.approx(apgr([100 * share], [em], weak_em, strong_em))
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert f"| random | 1 | {em:.3f} | {result['curves']['random']['apgr']:.3f} |" in table
+
+
+def save_tiny_llm(folder, tokenizer=None):
+    """A random two-layer Qwen2 and a tiny BPE tokenizer, written as `save_pretrained` writes them."""
+    tok = tokenizer or tiny_tokenizer()
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, intermediate_size=64, initializer_range=0.5)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def overall_by_router(result):
+    return {r["router"]: r["metrics"]["by_dataset"]["overall"] for r in result["rows"]}
+
+
+def test_llm_routers_play_a_local_model_greedily_in_batches(tmp_path, small_file):
+    """policy and prompt-llm run the same greedy rollouts; direct's episodes allow no call; the
+    model's own tokens are charged to full cost; batch size changes nothing."""
+    folder = save_tiny_llm(tmp_path / "llm")
+    specs = f"policy:{folder},prompt-llm:{folder},direct:{folder}"
+    runs = {}
+    for batch in (5, 12):
+        cfg = config(tmp_path, small_file, batch_size=batch, episode={"max_response_tokens": 24, "max_turns": 2})
+        runs[batch] = overall_by_router(evaluate.main(["--config", str(cfg), "--routers", specs,
+                                                       "--out", str(tmp_path / f"out{batch}")]))
+    got = runs[5]
+    assert set(got) == {f"policy:{folder}", f"prompt-llm:{folder}", f"direct:{folder}"}
+    assert got[f"policy:{folder}"] == got[f"prompt-llm:{folder}"]
+    assert got[f"direct:{folder}"]["calls_per_question"] == 0.0 == got[f"direct:{folder}"]["raw_cost"]
+    assert make_router(f"direct:{folder}", None).episode_config(EpisodeConfig(max_turns=2)).max_turns == 0
+    for o in got.values():  # at 0.2 $/M, at least the prompt's tokens and one more
+        assert o["full_cost"] - o["raw_cost"] > 0.2 * 20
+    assert runs[12] == got
+
+
+def test_an_llm_router_whose_pad_is_its_eos_is_refused_before_anything_is_written(tmp_path, small_file):
+    tok = tiny_tokenizer()
+    tok.pad_token = tok.eos_token
+    folder = save_tiny_llm(tmp_path / "llm", tok)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=f"{folder}: the tokenizer needs a pad token distinct from EOS"):
+        evaluate.main(["--config", str(config(tmp_path, small_file)), "--routers", f"policy:{folder}", "--out", str(out)])
+    assert not out.exists()
