@@ -87,6 +87,10 @@ def init_distributed(device: str = "auto", use_deepspeed: bool = False) -> Dist:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"rank {rank} has LOCAL_RANK={local_rank} but this node shows "
+                               f"{torch.cuda.device_count()} CUDA device(s): launch at most that many processes "
+                               "per node (torchrun --nproc_per_node), or set device=cpu")
         torch.cuda.set_device(local_rank)
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     backend = "nccl" if use_cuda else "gloo"
@@ -95,6 +99,8 @@ def init_distributed(device: str = "auto", use_deepspeed: bool = False) -> Dist:
                            ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
             os.environ.setdefault(key, value)
         sanitize_cuda_arch_list()
+        if not use_cuda:  # DeepSpeed picks its accelerator by what it finds: CUDA on a GPU machine
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
         deepspeed.init_distributed(dist_backend=backend)
     elif world_size > 1 and not dist.is_initialized():

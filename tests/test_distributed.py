@@ -14,7 +14,7 @@ import pytest
 import torch
 from tiny import TINY_RUN
 
-from agents.distributed import deepspeed_config, per_rank, sanitize_cuda_arch_list
+from agents.distributed import deepspeed_config, init_distributed, per_rank, sanitize_cuda_arch_list
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = str(ROOT / "tests" / "dist_worker.py")
@@ -22,7 +22,7 @@ WORKER = str(ROOT / "tests" / "dist_worker.py")
 TIMEOUT_S = 900
 
 TINY = [
-    *TINY_RUN, "task.n_test=4", "episode.max_response_tokens=24",
+    *TINY_RUN, "device=cpu", "task.n_test=4", "episode.max_response_tokens=24",
     "sft.enabled=false", "rollout.n_prompts=4", "rollout.forced_turns=[2]", "rollout.forced_answer_at=12",
     "rollout.micro_batch_tokens=150",  # two micro-batches per step in 1 process, one per rank in 2
     "algorithm.minibatch_size=4", "algorithm.ppo_epochs=2",  # two optimizer steps on the whole batch
@@ -121,3 +121,12 @@ def test_one_process_zero2_turns_off_gradient_communication_machinery():
     assert zero("zero2", 2)["overlap_comm"] and zero("zero2", 2)["contiguous_gradients"]  # the file's values
     assert zero("zero3", 1) == zero("zero3", 2)
 
+
+
+def test_more_local_ranks_than_gpus_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(RuntimeError, match=r"rank 1 has LOCAL_RANK=1 but this node shows 1 CUDA device.*nproc_per_node"):
+        init_distributed("auto")

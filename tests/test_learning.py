@@ -6,7 +6,7 @@ import json
 import train
 
 EASY = [
-    "task.world_preset=easy", "task.n_test=32", "episode.max_turns=1", "episode.max_response_tokens=40",
+    "device=cpu", "task.world_preset=easy", "task.n_test=32", "episode.max_turns=1", "episode.max_response_tokens=40",
     "model.init={hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, "
     "intermediate_size: 128, initializer_range: 0.1}",
     "sft.n_examples=400", "sft.epochs=8", "sft.batch_size=16", "sft.lr=3e-3",
