@@ -216,6 +216,7 @@ class FastEngine:
             restore()  # the warm-up advanced the rows; the replay below does it for real
         self.graphs[key].replay()
 
+    @torch.no_grad()  # compiled for inference whoever calls first (compiled code guards on grad mode)
     def _capture(self, work, drop_compiled, what: str) -> torch.cuda.CUDAGraph:
         """`work` captured as a CUDA graph in the engine's shared memory pool, after one warm-up run
         (which compiles) on a side stream. If compiling fails (inductor, or the Triton attention kernel),
@@ -223,22 +224,21 @@ class FastEngine:
         warm-up runs again: a compiler failure costs speed, never the run. Counted in `timings` (a shape
         seen for the first time)."""
         t0 = time.perf_counter()
-        with torch.no_grad():  # compiled for inference whoever calls first (compiled code guards on grad mode)
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                try:
-                    work()
-                except Exception as e:
-                    if not drop_compiled():
-                        raise
-                    log.warning("compiling the %s failed (%s); running it in eager PyTorch in CUDA graphs", what,
-                                str(e).splitlines()[0] if str(e) else type(e).__name__)
-                    work()
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            try:
                 work()
+            except Exception as e:
+                if not drop_compiled():
+                    raise
+                log.warning("compiling the %s failed (%s); running it in eager PyTorch in CUDA graphs", what,
+                            str(e).splitlines()[0] if str(e) else type(e).__name__)
+                work()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            work()
         self.pool = graph.pool()
         self.timings["captures"] += 1
         self.timings["capture_s"] += time.perf_counter() - t0
