@@ -8,10 +8,8 @@ import json
 
 import matplotlib.image
 import pytest
-import torch
 import yaml
-from tiny import tiny_tokenizer
-from transformers import AutoModelForCausalLM, Qwen2Config
+from tiny import tiny_qwen, tiny_tokenizer
 
 import evaluate
 from agents.routers import make_router
@@ -125,10 +123,7 @@ def test_a_two_model_pool_reports_each_routers_apgr_and_cpt(tmp_path):
 def save_tiny_llm(folder, tokenizer=None):
     """A random two-layer Qwen2 and a tiny BPE tokenizer, written as `save_pretrained` writes them."""
     tok = tokenizer or tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, intermediate_size=64, initializer_range=0.5)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    tiny_qwen(len(tok)).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 

@@ -1,7 +1,6 @@
 """The rollout engine: the simple-path equivalence, batch layout independence, masks."""
 
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config
 
 from agents.batch import build_batch, micro_batches
 from agents.policy import sequence_logprobs
@@ -10,16 +9,9 @@ from envs.candidates import CandidatePool, CandidateSpec
 from envs.candidates.simulated import SimulatedBackend
 from envs.episode import EpisodeConfig
 from envs.vector import MultiRouteVectorEnv
-from tiny import tiny_tokenizer
+from tiny import tiny_qwen, tiny_tokenizer
 
 SPECS = [CandidateSpec("Geo-Expert", "geo", 1, 0.2)]
-
-
-def tiny_model(vocab: int, seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, intermediate_size=64, initializer_range=0.5)
-    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
 
 
 def make_env(tok, max_tokens=12):
@@ -32,7 +24,7 @@ EXAMPLES = [{"question": q, "golden_answers": ["x"]} for q in ("Where is Korvan?
 
 def test_greedy_rollout_equals_transformers_generate():
     tok = tiny_tokenizer()
-    model = tiny_model(len(tok))
+    model = tiny_qwen(len(tok))
     env = make_env(tok, max_tokens=10)
     logps, _ = run_rollouts(model, env, EXAMPLES, 0.0, 1.0, 0, 0, tok.pad_token_id)
     for ep, lp in zip(env.episodes, logps):
@@ -47,7 +39,7 @@ def test_greedy_rollout_equals_transformers_generate():
 
 def test_sampled_episode_does_not_depend_on_batch_layout():
     tok = tiny_tokenizer()
-    model = tiny_model(len(tok))
+    model = tiny_qwen(len(tok))
     env = make_env(tok)
     run_rollouts(model, env, EXAMPLES, 1.0, 0.9, seed=7, step=3, pad_id=tok.pad_token_id)
     together = [e.response_ids for e in env.episodes]
@@ -85,7 +77,7 @@ def test_batch_masks_inserted_tokens_and_places_reward_on_last_action():
 def test_micro_batches_respect_the_token_budget_and_keep_rows():
     tok = tiny_tokenizer()
     env = make_env(tok)
-    logps, _ = run_rollouts(tiny_model(len(tok)), env, EXAMPLES * 3, 1.0, 1.0, 0, 0, tok.pad_token_id)
+    logps, _ = run_rollouts(tiny_qwen(len(tok)), env, EXAMPLES * 3, 1.0, 1.0, 0, 0, tok.pad_token_id)
     batch = build_batch(env.episodes, [0.0] * 9, list(range(9)), logps, tok.pad_token_id)
     pieces = micro_batches(batch, token_budget=60)
     assert sorted(torch.cat([p.group_ids for p in pieces]).tolist()) == batch.group_ids.tolist()  # each row once
@@ -102,7 +94,7 @@ def test_forced_schedule_makes_a_random_model_call_and_answer():
     tok = tiny_tokenizer()
     env = make_env(tok, max_tokens=80)
     forced = ForcedSchedule.calls_then_answer(tok, "Geo-Expert", [3, 30], 55)
-    logps, _ = run_rollouts(tiny_model(len(tok)), env, EXAMPLES, 1.0, 1.0, 0, 0, tok.pad_token_id, forced=forced)
+    logps, _ = run_rollouts(tiny_qwen(len(tok)), env, EXAMPLES, 1.0, 1.0, 0, 0, tok.pad_token_id, forced=forced)
     for ep, lp in zip(env.episodes, logps):
         if ep.end_reason == "answer":
             assert len(ep.calls) == 2 and len(lp) == ep.policy_tokens

@@ -1,9 +1,11 @@
-"""Tiny, fully local building blocks for tests: a byte-level BPE tokenizer and the overrides of a tiny run."""
+"""Tiny, fully local building blocks for tests: byte-level BPE tokenizers, a random two-layer Qwen2
+and the overrides of a tiny run."""
 
 from __future__ import annotations
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
 
 from bench.common import bpe_tokenizer
 from envs.tags import TAGS
@@ -53,6 +55,14 @@ def tiny_metaspace_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     tok.train_from_iterator(CORPUS * 3, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
                                    clean_up_tokenization_spaces=False)
+
+
+def tiny_qwen(vocab: int, seed: int = 0):
+    """A random two-layer Qwen2 (hidden 32, grouped-query attention, SDPA) for `vocab` ids, in eval mode."""
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, intermediate_size=64, initializer_range=0.5)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
 
 
 def encode(tok, text: str) -> list[int]:
