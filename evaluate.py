@@ -42,6 +42,7 @@ class EvalConfig:
     test_files: list = field(default_factory=list)  # qa: one mapping of envs.data.QADataConfig fields per file
     train_file: dict | None = None  # qa: a QA file sent whole to every candidate to train learned routers
     world: dict = field(default_factory=dict)  # routeworld: WorldConfig overrides
+    world_preset: str = "default"  # routeworld: default | easy (envs.routeworld.easy_world_config)
     max_questions: int | None = None  # keep the first N test questions (None: all)
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
     cost_normalizer: str = "budget"  # the frozen normalizer of the reward's cost score (rewards.make_cost_normalizer)
@@ -146,7 +147,8 @@ def build_task(cfg: EvalConfig) -> EvalTask:
     mode = resolve_answer_mode(cfg)
     if cfg.task == "routeworld":
         from envs.tasks import make_routeworld_task
-        rw = make_routeworld_task(cfg.world, 10**9, cfg.episode.max_turns, cfg.episode.prompt_template)
+        rw = make_routeworld_task(cfg.world, 10**9, cfg.episode.max_turns, cfg.episode.prompt_template,
+                                  cfg.world_preset)
         test = [{k: q[k] for k in ("id", "question", "golden_answers", "dataset")} for q in rw.test]
         answerer = Answerer("routeworld")
         train = rw.train
@@ -240,7 +242,7 @@ def point_metrics(records: list[dict], cfg: EvalConfig, bounds_costs: tuple[floa
     table = summarize_by(records, "dataset")
     em = [r["em"] for r in records]
     cost = [r["raw_cost"] for r in records]
-    out = {"by_dataset": table,
+    out = {"by_dataset": table, "reward": float(np.mean([r["reward"] for r in records])),
            "em_ci": bootstrap_ci(em, cfg.bootstrap_resamples, seed=cfg.seed)[1:],
            "raw_cost_ci": bootstrap_ci(cost, cfg.bootstrap_resamples, seed=cfg.seed)[1:]}
     if bounds_costs is not None:
@@ -275,7 +277,7 @@ def markdown_table(rows: list[dict], datasets: list[str], curves: dict[str, dict
     """Routers as rows, datasets as columns (EM), then the overall EM with its 95% CI and the costs,
     as in the Router-R1 paper's tables; a second table gives each router curve's AIQ and RS."""
     head = ["router"] + [f"{d} EM" for d in datasets] + ["overall EM [95% CI]", "F1", "raw cost", "full cost",
-                                                        "calls/q", "fmt err", "RS"]
+                                                        "calls/q", "fmt err", "reward", "RS"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         m, all_ = r["metrics"], r["metrics"]["by_dataset"]["overall"]
@@ -283,7 +285,7 @@ def markdown_table(rows: list[dict], datasets: list[str], curves: dict[str, dict
         cells = [r["name"]] + [f"{m['by_dataset'][d]['em']:.3f}" if d in m["by_dataset"] else "-" for d in datasets]
         cells += [f"{all_['em']:.3f} [{lo:.3f}, {hi:.3f}]", f"{all_['f1']:.3f}", f"{all_['raw_cost']:.1f}",
                   f"{all_['full_cost']:.1f}", f"{all_['calls_per_question']:.2f}", f"{all_['format_error_rate']:.3f}",
-                  f"{m['routing_score']:.3f}" if "routing_score" in m else "-"]
+                  f"{m['reward']:.3f}", f"{m['routing_score']:.3f}" if "routing_score" in m else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| router | points | AIQ | APGR | CPT(50%) |", "|---|---|---|---|---|"]
     for name, c in curves.items():
@@ -352,11 +354,19 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     cfg = load_eval_config(args.config, args.overrides)
     specs = [s.strip() for s in args.routers.split(",") if s.strip()]
+    result = evaluate_routers(cfg, specs, Path(args.out or cfg.out))
+    print(f"\n{result['n_questions']} questions, task {cfg.task}, alpha={cfg.episode.alpha}\n\n{result['table']}\n"
+          f"written to {args.out or cfg.out}/")
+    return result
+
+
+def evaluate_routers(cfg: EvalConfig, specs: Sequence[str], out: Path) -> dict:
+    """Play every router of `specs` on the task's test questions, score them, and write the results
+    into `out`. Returns results.json's content plus the Markdown table (`table`)."""
     if not specs:
         raise ValueError("--routers lists no router")
     for s in specs:
         parse_router_spec(s)  # an unknown name stops here, before any data loads
-    out = Path(args.out or cfg.out)
 
     task = build_task(cfg)  # bad data stops here, before anything is written
     reader = None
@@ -427,9 +437,8 @@ def main(argv=None) -> dict:
               "answer_mode": task.answer_mode,
               "features": ctx._featurizer.name if ctx._featurizer is not None else None}
     write_results(out, result, rows, table)
-    print(f"\n{len(task.test)} questions, task {cfg.task}, alpha={cfg.episode.alpha}\n\n{table}\nwritten to {out}/")
     task.pool.close()
-    return result
+    return {**result, "table": table}
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from agents.distributed import init_distributed, per_rank
 from agents.policy import build_actor
 from agents.sft import play_scripted, replay_turns, sft_train, trajectories_from_jsonl
 from agents.trainer import MetricsLogger, Trainer, latest_checkpoint
+from envs.candidates.pool import CandidatePool
+from envs.candidates.simulated import SimulatedBackend
 from envs.tasks import make_task, seeded_rng
 from envs.vector import MultiRouteVectorEnv
 
@@ -62,15 +64,49 @@ def run_sft(cfg: TrainConfig, task, tokenizer, actor, dist_) -> None:
              losses[0], losses[-1], time.perf_counter() - t0)
 
 
-def fixed_candidate_rows(cfg: TrainConfig, task, tokenizer, normalizer) -> dict[str, dict]:
-    """Every test question sent whole to one candidate, for each candidate (single-call baselines)."""
+def reference_rows(cfg: TrainConfig, task, tokenizer, normalizer) -> dict[str, dict]:
+    """The task's scripted reference routers (each candidate asked the whole question, the oracle
+    plan), played in the env on the test questions, so they are measured like the policy."""
     from agents.trainer import episode_metrics
     rows = {}
-    for name, script in task.extra.get("fixed_scripts", {}).items():
+    for name, script in task.references(cfg.episode.alpha, normalizer).items():
         env = MultiRouteVectorEnv(tokenizer, task.pool, cfg.episode)
         play_scripted(env, task.test, script, seeded_rng(cfg.seed, 2))
-        rows[f"fixed: {name}"] = episode_metrics([s for _, s in env.finish(normalizer)], "eval")
+        rows[name] = episode_metrics([s for _, s in env.finish(normalizer)], "eval")
     return rows
+
+
+def single_round_rows(cfg: TrainConfig, run_dir: Path) -> dict[str, dict]:
+    """knn, mlp and mf trained on the training split's per-candidate outcomes and played in the same
+    env on the same test questions (evaluate.py's routers); the row is the best point of their lambda
+    grids by reward at the run's alpha. Their full table is in `run_dir/single_round/`."""
+    import evaluate
+    from agents.routers import RouterOptions
+    ecfg = evaluate.EvalConfig(task="routeworld", world=cfg.task.world, world_preset=cfg.task.world_preset,
+                               max_questions=cfg.task.n_test, episode=cfg.episode,
+                               cost_normalizer=cfg.cost.normalizer, cost_options=cfg.cost.options,
+                               routers=RouterOptions(features="tfidf"), outcome_matrix=False, seed=cfg.seed)
+    result = evaluate.evaluate_routers(ecfg, ["knn", "mlp", "mf"], run_dir / "single_round")
+    best = max(result["rows"], key=lambda r: r["metrics"]["reward"])
+    o = best["metrics"]["by_dataset"]["overall"]
+    return {f"best single-round: {best['name']}": {
+        "eval/em": o["em"], "eval/format_error": o["format_error_rate"], "eval/raw_cost": o["raw_cost"],
+        "eval/calls": o["calls_per_question"], "eval/reward": best["metrics"]["reward"]}}
+
+
+def unknowing_pool(pool: CandidatePool) -> CandidatePool:
+    """The same candidates (names, prices, prompt block), each replying "unknown" to everything: the
+    control that shows the policy cannot answer held-out questions from what training taught it."""
+    return CandidatePool(pool.specs, SimulatedBackend({s.name: (lambda request: "unknown") for s in pool.specs}))
+
+
+def select_checkpoint(trainer: Trainer, task) -> dict[str, float]:
+    """Greedy episodes on the validation questions; the best reward so far is saved as `best`."""
+    metrics, _ = trainer.evaluate(task.val, "val")
+    if metrics["val/reward"] > trainer.best_eval:
+        trainer.best_eval = metrics["val/reward"]
+        trainer.save("best")
+    return metrics
 
 
 def write_report(run_dir: Path, rows: dict[str, dict], metrics_path: Path) -> str:
@@ -92,7 +128,7 @@ def write_report(run_dir: Path, rows: dict[str, dict], metrics_path: Path) -> st
     records = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
     for ax, key, title in zip(axes, ("reward", "em", "raw_cost"), ("reward", "EM", "raw cost (micro-$)")):
-        for split, style in (("train", "-"), ("eval", "o-")):
+        for split, style in (("train", "-"), ("val", "o-")):
             pts = [(r["step"], r[f"{split}/{key}"]) for r in records if f"{split}/{key}" in r]
             if pts:
                 ax.plot(*zip(*pts), style, label=split)
@@ -163,11 +199,7 @@ def main(argv=None) -> dict:
         metrics, summaries = trainer.train_step()
         step = trainer.step
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.total_steps:
-            eval_metrics, _ = trainer.evaluate(task.test)
-            metrics.update(eval_metrics)
-            if eval_metrics["eval/reward"] > trainer.best_eval:
-                trainer.best_eval = eval_metrics["eval/reward"]
-                trainer.save("best")
+            metrics.update(select_checkpoint(trainer, task))
         if step % cfg.log_every == 0:
             logger.log(step, metrics, summaries[:cfg.n_samples_logged])
         if cfg.save_every and step % cfg.save_every == 0:
@@ -177,17 +209,31 @@ def main(argv=None) -> dict:
         bar.update(1)
     bar.close()
 
-    final, _ = trainer.evaluate(task.test)
-    logger.log(trainer.step, final)
+    last_step, (val, _) = trainer.step, trainer.evaluate(task.val, "val")
     if cfg.save_final:
         trainer.save()
-    rows["trained policy"] = final
+    best = run_dir / "checkpoints" / "best"
+    if val["val/reward"] < trainer.best_eval and (best / "COMPLETE").exists():
+        trainer.load(best)  # an earlier checkpoint did better on the validation questions
+    chosen_step = trainer.step
+    rows["trained policy"], _ = trainer.evaluate(task.test)  # test figures, once, for the chosen checkpoint
+    train_sample = [task.train[int(i)] for i in seeded_rng(cfg.seed, 3).permutation(len(task.train))[:144]]
+    rows["trained policy on 144 train questions"], _ = trainer.evaluate(train_sample)
+    silent = unknowing_pool(task.pool)
+    try:
+        rows["trained policy, every reply 'unknown'"], _ = trainer.evaluate(task.test, pool=silent)
+    finally:
+        silent.close()
+    logger.log(last_step, {**val, "chosen_step": chosen_step,
+                           **{k.replace("eval/", "test/"): v for k, v in rows["trained policy"].items()}})
     if dist_.is_main:
-        rows.update(fixed_candidate_rows(cfg, task, tokenizer, trainer.normalizer))
         if task.references is not None:
-            rows.update(task.references(cfg.episode.alpha, trainer.normalizer))
+            rows.update(reference_rows(cfg, task, tokenizer, trainer.normalizer))
+        if task.name == "routeworld":
+            rows.update(single_round_rows(cfg, run_dir))
         table = write_report(run_dir, rows, logger.path)
-        print(f"\nHeld-out results ({len(task.test)} questions, alpha={cfg.episode.alpha}):\n{table}\n"
+        print(f"\nHeld-out results ({len(task.test)} test questions, alpha={cfg.episode.alpha}, "
+              f"checkpoint of step {chosen_step} chosen on {len(task.val)} validation questions):\n{table}\n"
               f"curves: {run_dir / 'curves.png'}")
     logger.close()
     task.pool.close()

@@ -370,11 +370,12 @@ class Trainer:
 
     # ------------------------------------------------------------ evaluation
 
-    def evaluate(self, examples: list, prefix: str = "eval") -> tuple[dict[str, float], list[dict]]:
-        """Greedy episodes on held-out questions, scored with the normalizer frozen."""
+    def evaluate(self, examples: list, prefix: str = "eval", pool=None) -> tuple[dict[str, float], list[dict]]:
+        """Greedy episodes on held-out questions, scored with the normalizer frozen; `pool` replaces the
+        task's candidates (e.g. ones that only ever reply "unknown")."""
         d = self.dist
         mine = examples[d.rank::d.world_size]
-        env = MultiRouteVectorEnv(self.tokenizer, self.task.pool, self.cfg.episode, self.reward_fn)
+        env = MultiRouteVectorEnv(self.tokenizer, pool or self.task.pool, self.cfg.episode, self.reward_fn)
         summaries = []
         chunk = self.cfg.rollout.n_prompts
         with self.m.actor_engine.generation() as policy:

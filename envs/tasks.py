@@ -20,7 +20,8 @@ class Task:
     pool: CandidatePool
     tokenizer: object | None = None  # the task's own tokenizer (RouteWorld); None: the model's
     script: Callable | None = None  # scripted_turn(example, replies, rng, names) for the SFT warm start
-    references: Callable | None = None  # references(alpha, normalizer) -> {row name: metrics}
+    references: Callable | None = None  # references(alpha, normalizer) -> {row name: scripted turn}
+    val: list = field(default_factory=list)  # model-selection questions (empty: none held out for it)
     extra: dict = field(default_factory=dict)
 
 
@@ -28,12 +29,12 @@ def make_routeworld_task(world_overrides: dict, n_test: int, max_turns: int, pro
                          preset: str = "default") -> Task:
     import dataclasses
     from envs.routeworld import (WorldConfig, easy_world_config, extract_reply_answer, make_world,
-                                 make_world_tokenizer, oracle_summary, routeworld_pool, scripted_turn)
+                                 make_world_tokenizer, routeworld_pool, scripted_turn)
     from envs.routeworld.script import answer_chunk, call_chunk
     base = easy_world_config() if preset == "easy" else WorldConfig()
     world = make_world(dataclasses.replace(base, **world_overrides))
     pool = routeworld_pool(world)
-    train, test = world.questions("train"), world.questions("test")[:n_test]
+    train, val, test = world.questions("train"), world.questions("val"), world.questions("test")[:n_test]
     prompts = [build_prompt(q["question"], pool.specs, prompt_template, max_turns) for q in train[:200]]
     tokenizer = make_world_tokenizer(world, extra_texts=prompts)
 
@@ -48,20 +49,32 @@ def make_routeworld_task(world_overrides: dict, n_test: int, max_turns: int, pro
             return answer_chunk(extract_reply_answer(replies[-1]))
         return turn
 
-    def references(alpha: float, normalizer) -> dict[str, dict]:
-        s = oracle_summary(world, "test", alpha, cost_normalizer=normalizer, max_turns=max_turns)
-        return {"oracle plan (expected)": {"eval/em": s.em, "eval/raw_cost": s.cost,
-                                           "eval/reward": s.reward, "eval/format_error": 0.0}}
+    def oracle_script(alpha: float, normalizer):
+        """The oracle plan at `alpha` (the best expected reward under `normalizer`), played in the env."""
+        def turn(example, replies, rng, names):
+            return scripted_turn(example, replies, rng, names, "oracle", world=world, alpha=alpha,
+                                 cost_normalizer=normalizer, max_turns=max_turns)
+        return turn
 
-    return Task("routeworld", train, test, pool, tokenizer, script, references,
-                extra={"world": world, "fixed_scripts": {n: fixed_script(n) for n in pool.names}})
+    def references(alpha: float, normalizer) -> dict[str, Callable]:
+        """The scripted reference routers of the final table, each played on the test questions."""
+        return {**{f"fixed: {n}": fixed_script(n) for n in pool.names},
+                "oracle plan": oracle_script(alpha, normalizer)}
+
+    return Task("routeworld", train, test, pool, val=val, tokenizer=tokenizer, script=script, references=references,
+                extra={"world": world})
 
 
 def make_qa_task(train_path: str, test_path: str | None, pool_path: str, n_test: int) -> Task:
+    """Questions from local files. The last tenth of the training file (at most `n_test` questions) is
+    kept back for checkpoint selection; with no test file, the test questions are the first `n_test`
+    training questions (then the test figures are not held out)."""
     from envs.data import QADataConfig, load_qa
-    train = [e.__dict__ for e in load_qa(QADataConfig(path=train_path))]
+    rows = [e.__dict__ for e in load_qa(QADataConfig(path=train_path))]
+    n_val = min(len(rows) // 10, n_test)
+    train, val = rows[:len(rows) - n_val], rows[len(rows) - n_val:]
     test = [e.__dict__ for e in load_qa(QADataConfig(path=test_path))][:n_test] if test_path else train[:n_test]
-    return Task("qa", train, test, load_pool(pool_path))
+    return Task("qa", train, test, load_pool(pool_path), val=val or test)
 
 
 def make_task(cfg) -> Task:

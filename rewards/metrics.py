@@ -125,25 +125,34 @@ def pareto_hull(points: Sequence[tuple[float, float]]) -> list[tuple[float, floa
     return hull[:peak + 1]
 
 
-def aiq(points: Sequence[tuple[float, float]], c_max: float | None = None) -> float:
+def aiq(points: Sequence[tuple[float, float]], c_max: float | None = None, c_min: float | None = None) -> float:
     """Average improvement in quality: the mean height of the non-decreasing hull over [c_min, c_max].
 
     AIQ = 1/(c_max - c_min) * integral from c_min to c_max of R(c) dc, with R the hull of
     `pareto_hull` extended flat past its last vertex (Hu et al. 2024, arXiv 2403.12031).
-    c_min is the smallest cost among the points; c_max defaults to the largest and may be
+    c_min defaults to the smallest cost among the points; c_max to the largest, and may be
     anywhere >= c_min. When c_max equals c_min (one point, or all at one cost) AIQ is R(c_min),
-    the best quality at that cost.
+    the best quality at that cost. To compare curves, give them all one range [c_min, c_max] (the
+    smallest and largest cost of every curve compared): below its own cheapest point a curve's
+    quality counts 0, so no curve gains by covering only the cheap end.
     """
     hull = pareto_hull(points)
-    c_min = hull[0][0]
-    if c_max is None:
-        c_max = float(np.max(np.asarray(points, dtype=float)[:, 0]))
-    if not math.isfinite(c_max) or c_max < c_min:
-        raise ValueError(f"c_max={c_max!r} must be a finite cost >= the smallest point cost {c_min}")
-    if c_max == c_min:
-        return hull[0][1]
     xs = np.array([p[0] for p in hull])
     ys = np.array([p[1] for p in hull])
+    if c_min is None:
+        c_min = float(xs[0])
+    if c_max is None:
+        c_max = max(float(np.max(np.asarray(points, dtype=float)[:, 0])), c_min)
+    if not (math.isfinite(c_min) and math.isfinite(c_max)) or c_max < c_min:
+        raise ValueError(f"need finite c_min <= c_max, got c_min={c_min!r}, c_max={c_max!r}")
+    if c_min < xs[0]:  # R is 0 below the cheapest point
+        xs, ys = np.concatenate([[c_min, xs[0]], xs]), np.concatenate([[0.0, 0.0], ys])
+    elif c_min > xs[0]:  # the range starts inside the hull
+        keep = xs > c_min
+        height = np.interp(c_min, xs, ys) if keep.any() else ys[-1]
+        xs, ys = np.append(c_min, xs[keep]), np.append(height, ys[keep])
+    if c_max == c_min:
+        return float(ys[-1] if c_min >= xs[-1] else ys[np.searchsorted(xs, c_min, side="right") - 1])
     if c_max >= xs[-1]:
         xs, ys = np.append(xs, c_max), np.append(ys, ys[-1])  # flat past the highest-quality vertex
     else:

@@ -112,6 +112,20 @@ def test_c_max_inside_the_range_cuts_the_hull_segment():
     assert aiq([(0.0, 0.3), (2.0, 1.0)], c_max=0.0) == pytest.approx(0.3)
 
 
+def test_a_shared_c_min_counts_quality_0_below_a_curves_cheapest_point():
+    # a lone point at cost 2 over the shared range [0, 4]: 0 on [0, 2), then 0.9 flat
+    assert aiq([(2.0, 0.9)], c_max=4.0, c_min=0.0) == pytest.approx(0.45)
+    # so a single cheap-end point cannot beat a curve that spans the whole range
+    curve = [(0.0, 0.5), (4.0, 0.9)]
+    assert aiq(curve, c_max=4.0, c_min=0.0) == pytest.approx(0.7)
+    assert aiq([(4.0, 0.95)], c_max=4.0, c_min=0.0) < aiq(curve, c_max=4.0, c_min=0.0)
+    # a c_min inside the hull starts the integral there; without c_min nothing changes
+    assert aiq([(0.0, 0.0), (2.0, 1.0)], c_max=2.0, c_min=1.0) == pytest.approx(0.75)
+    assert aiq(curve, c_min=0.0) == aiq(curve)
+    with pytest.raises(ValueError, match="c_min <= c_max"):
+        aiq(curve, c_max=1.0, c_min=2.0)
+
+
 def test_collinear_middle_point_is_not_a_vertex_and_does_not_change_aiq():
     points = [(0.0, 0.0), (1.0, 0.5), (2.0, 1.0)]
     assert pareto_hull(points) == [(0.0, 0.0), (2.0, 1.0)]

@@ -82,30 +82,35 @@ DEFAULT_CANDIDATES = (GEO_EXPERT, PEOPLE_EXPERT, GENERALIST_XL, TINY_LM)
 @dataclass(frozen=True)
 class WorldConfig:
     """A RouteWorld: `n_countries` countries, each with its own cities, people and companies, and the
-    question templates asked about them. Whole countries (with everything in them) go to the test
-    split, so test questions mention, and are answered by, entities no training text contains."""
+    question templates asked about them. The split is by facts, not by entities: every entity is named
+    in training questions, and the held-out questions ask facts that no training question, inverse or
+    rule of the world reveals (see `world.make_world`)."""
 
     seed: int = 0  # seeds the world and every candidate's replies
-    n_countries: int = 24
-    cities_per_country: int = 3  # one of them is the capital
-    people_per_country: int = 4  # each born in a city of their country
-    companies_per_country: int = 2  # each headquartered in, and founded by someone of, its country
-    test_fraction: float = 0.25  # share of countries whose questions form the test split
+    n_countries: int = 32
+    cities_per_country: int = 3  # one is its capital; one (the last) is its "floating" city
+    people_per_country: int = 4  # one born in the floating city, the others in the other cities
+    companies_per_country: int = 3  # one headquartered in the floating city; each founded by a compatriot
+    currency_union: int = 2  # countries sharing one currency
+    val_fraction: float = 0.25  # share of each template's held-out questions kept for model selection
     templates: tuple[str, ...] = ONE_HOP + TWO_HOP  # the question templates generated (ONE_HOP, TWO_HOP)
     candidates: tuple[CandidateProfile, ...] = field(default=DEFAULT_CANDIDATES)  # the skill table
 
     def __post_init__(self) -> None:
         if self.n_countries < 2:
-            raise ValueError(f"n_countries must be >= 2 (one train, one test), got {self.n_countries}")
-        if self.cities_per_country < 1:
-            raise ValueError(f"cities_per_country must be >= 1, got {self.cities_per_country}")
+            raise ValueError(f"n_countries must be >= 2, got {self.n_countries}")
+        if self.cities_per_country < 2:
+            raise ValueError(f"cities_per_country must be >= 2 (a capital and a floating city), "
+                             f"got {self.cities_per_country}")
         if self.people_per_country < 0 or self.companies_per_country < 0:
             raise ValueError("people_per_country and companies_per_country must be >= 0")
-        if self.companies_per_country and not self.people_per_country:
-            raise ValueError("companies need founders: set people_per_country >= 1 "
-                             "or companies_per_country=0")
-        if not 0.0 < self.test_fraction < 1.0:
-            raise ValueError(f"test_fraction must lie in (0, 1), got {self.test_fraction}")
+        if self.companies_per_country and self.people_per_country < self.companies_per_country:
+            raise ValueError("each company needs a founder of its own: set people_per_country >= "
+                             f"companies_per_country ({self.companies_per_country})")
+        if not 1 <= self.currency_union <= self.n_countries:
+            raise ValueError(f"currency_union must lie in [1, n_countries], got {self.currency_union}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must lie in [0, 1), got {self.val_fraction}")
         unknown = [t for t in self.templates if t not in ONE_HOP + TWO_HOP]
         if unknown or not self.templates:
             raise ValueError(f"unknown or no templates {unknown}; known: {ONE_HOP + TWO_HOP}")

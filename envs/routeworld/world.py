@@ -11,7 +11,7 @@ from envs.routeworld.config import WorldConfig
 from rewards.answer import normalize_answer
 
 DATASET = "routeworld"
-SPLITS = ("train", "test")
+SPLITS = ("train", "val", "test")
 
 # Every name is built from these syllables joined by hyphens ("Kor-van", "Tes-mar-is Del-ka-son").
 # A byte-level tokenizer splits words at a hyphen, so each syllable is tokenized the same way in every
@@ -80,25 +80,31 @@ def query_key(text: str) -> str:
 
 
 class World:
-    """The facts of one generated world, its entities by kind and split, and its questions."""
+    """The facts of one generated world, its entities by kind, and its questions split by facts.
 
-    def __init__(self, config: WorldConfig, entities: dict[str, list[str]], split_of: dict[str, str],
-                 facts: dict[str, dict[str, str]]):
+    `hidden` holds the held-out facts as (relation, subject). A question is a training question when
+    none of its hops is hidden; otherwise it is held out (val or test), unless it asks for the country
+    of an entity that training places (that answer follows from training facts, so the question is
+    asked in neither split). `floating` holds the entities whose country no training fact reveals."""
+
+    def __init__(self, config: WorldConfig, entities: dict[str, list[str]], facts: dict[str, dict[str, str]],
+                 hidden: set[tuple[str, str]], floating: set[str]):
         self.config = config
         self.entities = entities  # kind -> names, in generation order
-        self.split_of = split_of  # entity name -> "train" | "test"
         self.facts = facts  # relation -> {subject: answer}
+        self.hidden = hidden
+        self.floating = floating
         self.kind_of = {e: k for k, names in entities.items() for e in names}
         self._index = self._build_index()
-        self._questions = {s: self._build_questions(s) for s in SPLITS}
+        self._questions = self._build_questions()
 
     @property
     def seed(self) -> int:
         return self.config.seed
 
-    def entities_of(self, kind: str, split: str | None = None) -> list[str]:
-        """Names of one kind, optionally only those of one split."""
-        return [e for e in self.entities.get(kind, []) if split is None or self.split_of[e] == split]
+    def entities_of(self, kind: str) -> list[str]:
+        """Names of one kind, in generation order."""
+        return list(self.entities.get(kind, []))
 
     def follow(self, relations: tuple[str, ...], subject: str) -> str:
         """The answer reached by following `relations` from `subject` (KeyError if a fact is missing)."""
@@ -140,26 +146,42 @@ class World:
             index[key] = query
         return index
 
-    def _build_questions(self, split: str) -> list[dict]:
-        rows = []
+    def _split_of(self, template: str, hops: list[dict]) -> str | None:
+        """train, held (val or test) or None (asked in neither split); see the class docstring."""
+        if not any((h["relation"], h["subject"]) in self.hidden for h in hops):
+            return "train"
+        asks_country = RELATIONS[hops[-1]["relation"]].answer_kind == "country"
+        return None if asks_country and hops[0]["subject"] not in self.floating else "held"
+
+    def _build_questions(self) -> dict[str, list[dict]]:
+        rng = np.random.default_rng((self.config.seed, 1))  # the val/test draw, apart from the world's
+        rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
         for template in self.config.templates:
             if template in CHAINS:
                 relations, ask = CHAINS[template]
             else:
                 relations, ask = (template,), RELATIONS[template].ask
+            held = []
             for subject in self.facts[relations[0]]:
-                if self.split_of[subject] != split:
-                    continue
                 hops, entity = [], subject
                 for r in relations:
                     answer = self.facts[r][entity]
                     hops.append({"relation": r, "domain": RELATIONS[r].domain, "subject": entity,
                                  "sub_question": RELATIONS[r].ask.format(entity), "answer": answer})
                     entity = answer
-                rows.append({"id": f"{DATASET}-{split}-{len(rows):04d}", "question": ask.format(subject),
-                             "golden_answers": [entity], "dataset": DATASET, "split": split,
-                             "template": template, "hops": hops, "domains": [h["domain"] for h in hops]})
-        return rows
+                row = {"question": ask.format(subject), "golden_answers": [entity], "dataset": DATASET,
+                       "template": template, "hops": hops, "domains": [h["domain"] for h in hops]}
+                split = self._split_of(template, hops)
+                if split == "train":
+                    rows["train"].append(row)
+                elif split == "held":
+                    held.append(row)
+            n_val = round(self.config.val_fraction * len(held))
+            order = rng.permutation(len(held))
+            rows["val"] += [held[i] for i in sorted(order[:n_val])]
+            rows["test"] += [held[i] for i in sorted(order[n_val:])]
+        return {s: [{"id": f"{DATASET}-{s}-{i:04d}", **row, "split": s} for i, row in enumerate(rs)]
+                for s, rs in rows.items()}
 
 
 def _name_maker(rng: np.random.Generator):
@@ -194,46 +216,75 @@ def _name_maker(rng: np.random.Generator):
 
 
 def make_world(cfg: WorldConfig) -> World:
-    """Generate the world of `cfg` deterministically from `cfg.seed`.
+    """Generate the world of `cfg` deterministically from `cfg.seed`, and choose its held-out facts.
 
-    Each country has `cities_per_country` cities (one is its capital), a currency, people born in
-    its cities and companies headquartered in its cities and founded by its people; so every fact
-    chain stays inside one country. A random `test_fraction` of the countries (at least one, at
-    most all but one) and everything in them form the test split.
+    Each country has cities (one is its capital), people born in its cities and companies
+    headquartered in its cities and founded by its people, so every fact chain stays inside one
+    country; `currency_union` countries share a currency. The last city of each country is floating:
+    the first person is born there, and the first company is headquartered there and founded by that
+    person. Training names these three only in facts among themselves, so their country stays unknown.
+
+    Held-out facts, each chosen for half of the countries by a random permutation unless it says
+    otherwise: the floating city's country (every country); the capital; one currency per union (its
+    other members' stay in training, so the name is seen); the birth city of the second company's
+    founder, or else (the other half) that company's founder; the third company's headquarters city.
+    Every held-out answer is so named in training by other facts, and each held-out question has many
+    answers consistent with everything training shows (`tests/test_routeworld.py` checks both).
     """
     rng = np.random.default_rng(cfg.seed)
     new_place, new_person = _name_maker(rng)
     entities: dict[str, list[str]] = {k: [] for k in ("country", "city", "currency", "person", "company")}
-    split_of: dict[str, str] = {}
     facts: dict[str, dict[str, str]] = {r: {} for r in ("city_country", "capital", "currency")}
     if cfg.people_per_country:
         facts["birth_city"] = {}
     if cfg.companies_per_country:
         facts["founder"], facts["hq_city"] = {}, {}
-    n_test = min(max(1, round(cfg.test_fraction * cfg.n_countries)), cfg.n_countries - 1)
-    test_countries = set(rng.choice(cfg.n_countries, size=n_test, replace=False).tolist())
+    hidden: set[tuple[str, str]] = set()
+    floating: set[str] = set()
+    n = cfg.n_countries
+    half = [set(rng.permutation(n)[: n // 2].tolist()) for _ in range(3)]  # capital, founder role, hq role
+    order = rng.permutation(n).tolist()
+    unions = [order[i:i + cfg.currency_union] for i in range(0, n, cfg.currency_union)]
+    countries = []
 
-    def add(kind: str, name: str, split: str) -> str:
+    def add(kind: str, name: str) -> str:
         entities[kind].append(name)
-        split_of[name] = split
         return name
 
-    for c in range(cfg.n_countries):
-        split = "test" if c in test_countries else "train"
-        country = add("country", new_place(COUNTRY_ENDINGS), split)
-        currency_word = CURRENCY_WORDS[rng.integers(len(CURRENCY_WORDS))]
-        currency = add("currency", f"{new_place()} {currency_word}", split)
-        facts["currency"][country] = currency
-        cities = [add("city", new_place(), split) for _ in range(cfg.cities_per_country)]
+    for c in range(n):
+        country = add("country", new_place(COUNTRY_ENDINGS))
+        countries.append(country)
+        cities = [add("city", new_place()) for _ in range(cfg.cities_per_country)]
+        placed, floating_city = cities[:-1], cities[-1]
         for city in cities:
             facts["city_country"][city] = country
-        facts["capital"][country] = cities[rng.integers(len(cities))]
-        people = [add("person", new_person(), split) for _ in range(cfg.people_per_country)]
-        for person in people:
-            facts["birth_city"][person] = cities[rng.integers(len(cities))]
-        for _ in range(cfg.companies_per_country):
+        hidden.add(("city_country", floating_city))
+        floating.add(floating_city)
+        facts["capital"][country] = placed[rng.integers(len(placed))]
+        if c in half[0]:
+            hidden.add(("capital", country))
+        people = [add("person", new_person()) for _ in range(cfg.people_per_country)]
+        for i, person in enumerate(people):
+            facts["birth_city"][person] = floating_city if i == 0 else placed[rng.integers(len(placed))]
+        for i in range(cfg.companies_per_country):
             company_word = COMPANY_WORDS[rng.integers(len(COMPANY_WORDS))]
-            company = add("company", f"{new_place()} {company_word}", split)
-            facts["founder"][company] = people[rng.integers(len(people))]
-            facts["hq_city"][company] = cities[rng.integers(len(cities))]
-    return World(cfg, entities, split_of, facts)
+            company = add("company", f"{new_place()} {company_word}")
+            facts["founder"][company] = people[i]
+            facts["hq_city"][company] = floating_city if i == 0 else placed[rng.integers(len(placed))]
+            if i == 1:
+                hidden.add(("founder", company) if c in half[1] else ("birth_city", people[i]))
+            if i == 2 and c in half[2]:
+                hidden.add(("hq_city", company))
+        if people:
+            floating.add(people[0])
+        if cfg.companies_per_country:
+            floating.add(entities["company"][-cfg.companies_per_country])
+    for members in unions:
+        currency_word = CURRENCY_WORDS[rng.integers(len(CURRENCY_WORDS))]
+        currency = add("currency", f"{new_place()} {currency_word}")
+        for m in members:
+            facts["currency"][countries[m]] = currency
+        if len(members) > 1:
+            hidden.add(("currency", countries[members[0]]))
+    facts["currency"] = {country: facts["currency"][country] for country in countries}  # country order
+    return World(cfg, entities, facts, hidden, floating)
