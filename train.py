@@ -1,8 +1,9 @@
 """Train a router: python train.py --config configs/X.yaml [dotted.key=value ...] [--resume].
 
 With no config it runs the tiny RouteWorld job on a CPU: supervised warm start on scripted
-trajectories, then PPO, then a table comparing the SFT start, the trained policy, the best single
-candidate and the oracle plan, and curves.png in the run directory. Launch with torchrun for many GPUs.
+trajectories, then PPO, then a table of held-out test figures for the SFT start, the trained policy
+(the checkpoint chosen on validation questions), every fixed candidate, the oracle plan and the best
+single-round router, and curves.png in the run directory. Launch with torchrun for many GPUs.
 """
 
 from __future__ import annotations
@@ -212,9 +213,12 @@ def main(argv=None) -> dict:
     last_step, (val, _) = trainer.step, trainer.evaluate(task.val, "val")
     if cfg.save_final:
         trainer.save()
-    best = run_dir / "checkpoints" / "best"
+    best = run_dir / "checkpoints" / "best"  # always the checkpoint whose test figures are reported
     if val["val/reward"] < trainer.best_eval and (best / "COMPLETE").exists():
         trainer.load(best)  # an earlier checkpoint did better on the validation questions
+    elif cfg.save_final or best.exists():
+        trainer.best_eval = val["val/reward"]
+        trainer.save("best")
     chosen_step = trainer.step
     rows["trained policy"], _ = trainer.evaluate(task.test)  # test figures, once, for the chosen checkpoint
     train_sample = [task.train[int(i)] for i in seeded_rng(cfg.seed, 3).permutation(len(task.train))[:144]]

@@ -30,3 +30,10 @@ def test_ppo_shifts_calls_to_the_good_specialist(tmp_path):
     assert 0.2 < first < 0.8, first
     assert last > first + 0.25, (first, last)
     assert geo_share(rows["trained policy"], "eval") > 0.9, rows["trained policy"]
+    # the "unknown" control: same prompt, every candidate replying "unknown"; what RL taught cannot
+    # answer a held-out question (the split is by facts), so the trained policy scores (almost) nothing
+    assert rows["trained policy"]["eval/em"] > 0.5
+    assert rows["trained policy, every reply 'unknown'"]["eval/em"] <= 0.05
+    # the checkpoint is chosen on validation questions: no test figure is logged before the end
+    assert not [m for m in log[:-1] if any(k.startswith("eval/") for k in m)]
+    assert log[-1]["chosen_step"] == 12 and "test/em" in log[-1] and "val/em" in log[-1]
