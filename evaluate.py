@@ -369,6 +369,13 @@ def evaluate_routers(cfg: EvalConfig, specs: Sequence[str], out: Path) -> dict:
         parse_router_spec(s)  # an unknown name stops here, before any data loads
 
     task = build_task(cfg)  # bad data stops here, before anything is written
+    try:
+        return _evaluate(cfg, specs, out, task)
+    finally:
+        task.pool.close()  # on any error too: a pool left open would keep the process alive
+
+
+def _evaluate(cfg: EvalConfig, specs: Sequence[str], out: Path, task: EvalTask) -> dict:
     reader = None
     if task.answer_mode == "reader":
         from agents.routers.reader import AnswerReader
@@ -437,7 +444,6 @@ def evaluate_routers(cfg: EvalConfig, specs: Sequence[str], out: Path) -> dict:
               "answer_mode": task.answer_mode,
               "features": ctx._featurizer.name if ctx._featurizer is not None else None}
     write_results(out, result, rows, table)
-    task.pool.close()
     return {**result, "table": table}
 
 

@@ -161,6 +161,14 @@ def main(argv=None) -> dict:
     torch.manual_seed(cfg.seed)  # model initialisation only; sampling streams are keyed per episode
 
     task = make_task(cfg)
+    try:
+        return train(cfg, task, dist_, run_dir, args.resume)
+    finally:
+        task.pool.close()  # on any error too: a pool left open would keep the process alive
+
+
+def train(cfg: TrainConfig, task, dist_, run_dir: Path, resume: bool) -> dict:
+    """Warm start, RL and the final table; see the module docstring."""
     if task.tokenizer is not None:
         tokenizer = task.tokenizer
     else:
@@ -169,7 +177,7 @@ def main(argv=None) -> dict:
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise ValueError("the tokenizer needs a pad token distinct from EOS (set one and save the tokenizer)")
 
-    resume_from = latest_checkpoint(run_dir) if args.resume else None
+    resume_from = latest_checkpoint(run_dir) if resume else None
     sft_dir = run_dir / "sft_policy"
     if resume_from is not None and sft_dir.exists():
         cfg.model.name_or_path = str(sft_dir)  # ref and critic trunk start from the SFT weights
@@ -240,7 +248,6 @@ def main(argv=None) -> dict:
               f"checkpoint of step {chosen_step} chosen on {len(task.val)} validation questions):\n{table}\n"
               f"curves: {run_dir / 'curves.png'}")
     logger.close()
-    task.pool.close()
     return rows
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ import yaml
 from envs.candidates.spec import CallRecord, CandidateSpec, Completion, RequestConfig
 from rewards.cost import raw_cost
 
+log = logging.getLogger(__name__)
 
 class CandidateError(RuntimeError):
     """A candidate call failed for good (after retries); the message is safe to show and log."""
@@ -87,13 +90,18 @@ class _LoopThread:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="candidate-calls")
         self.thread.start()
 
-    def run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+    def run(self, coro, timeout_s: float | None = None):
+        """Run `coro` on the loop and wait at most `timeout_s` (TimeoutError past it)."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=timeout_s)
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the loop; its thread is a daemon, so one stuck past `timeout_s` never holds the process."""
+        if self.loop.is_closed():
+            return
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=5)
-        self.loop.close()
+        self.thread.join(timeout=timeout_s)
+        if not self.thread.is_alive():
+            self.loop.close()
 
 
 def _settle(future: concurrent.futures.Future, task: asyncio.Task) -> None:
@@ -189,17 +197,35 @@ class CandidatePool:
         record.full_cost = raw_cost([{**record.as_dict(), "price_per_1m_input": spec.price_per_1m_input}])
         return record
 
-    def close(self) -> None:
-        if self._loop is not None:
-            aclose = getattr(self.backend, "aclose", None)
-            if aclose is not None:
-                self._loop.run(aclose())
-            self._loop.stop()
-            self._loop = None
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Close the backend's clients and stop the call loop, waiting at most `timeout_s` for each.
+        Never blocks longer; idempotent."""
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        aclose = getattr(self.backend, "aclose", None)
+        if aclose is not None:
+            try:
+                loop.run(aclose(), timeout_s)
+            except concurrent.futures.TimeoutError:
+                log.warning("candidate pool: closing the backend took over %.0fs; left to the exit", timeout_s)
+            except Exception as e:  # closing must not turn a finished run into a crash
+                log.warning("candidate pool: closing the backend failed: %s: %s", type(e).__name__, e)
+        loop.stop(timeout_s)
+
+    def __enter__(self) -> "CandidatePool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def __del__(self):
+        # during interpreter shutdown no other thread may run any more: waiting on the loop's thread
+        # would hang the exit for good, so nothing is awaited (the loop's thread is a daemon)
+        if sys.is_finalizing() or self._loop is None:
+            return
         try:
-            self.close()
+            self.close(timeout_s=1.0)
         except Exception:
             pass
 
