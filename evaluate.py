@@ -21,6 +21,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
+from agents.call_errors import CallFailureAbort, first_error
 from agents.config import apply_override, from_dict
 from agents.routers import LLMRouter, RouterContext, RouterOptions, make_router, parse_router_spec
 from agents.routers.base import Answerer
@@ -194,6 +195,8 @@ def _record(router: str, label: str, example: dict, summary: dict, own_tokens: i
         "f1": f1_score(answer, golden) if answer is not None else 0.0,
         "raw_cost": summary["raw_cost"], "full_cost": summary["full_cost"] + own_tokens * price,
         "calls": summary["n_calls"], "format_ok": ok, "reward": summary["reward"]["total"],
+        "failed_calls": sum(bool(c.get("error")) for c in summary["calls"]),
+        "first_error": first_error([summary]),
         "called": [c["candidate"] for c in summary["calls"]], "answer": answer,
     }
 
@@ -242,7 +245,9 @@ def point_metrics(records: list[dict], cfg: EvalConfig, bounds_costs: tuple[floa
     table = summarize_by(records, "dataset")
     em = [r["em"] for r in records]
     cost = [r["raw_cost"] for r in records]
+    calls = sum(r["calls"] for r in records)
     out = {"by_dataset": table, "reward": float(np.mean([r["reward"] for r in records])),
+           "calls": calls, "call_error_rate": sum(r["failed_calls"] for r in records) / max(calls, 1),
            "em_ci": bootstrap_ci(em, cfg.bootstrap_resamples, seed=cfg.seed)[1:],
            "raw_cost_ci": bootstrap_ci(cost, cfg.bootstrap_resamples, seed=cfg.seed)[1:]}
     if bounds_costs is not None:
@@ -277,14 +282,15 @@ def markdown_table(rows: list[dict], datasets: list[str], curves: dict[str, dict
     """Routers as rows, datasets as columns (EM), then the overall EM with its 95% CI and the costs,
     as in the Router-R1 paper's tables; a second table gives each router curve's AIQ and RS."""
     head = ["router"] + [f"{d} EM" for d in datasets] + ["overall EM [95% CI]", "F1", "raw cost", "full cost",
-                                                        "calls/q", "fmt err", "reward", "RS"]
+                                                        "calls/q", "call err", "fmt err", "reward", "RS"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         m, all_ = r["metrics"], r["metrics"]["by_dataset"]["overall"]
         lo, hi = m["em_ci"]
         cells = [r["name"]] + [f"{m['by_dataset'][d]['em']:.3f}" if d in m["by_dataset"] else "-" for d in datasets]
         cells += [f"{all_['em']:.3f} [{lo:.3f}, {hi:.3f}]", f"{all_['f1']:.3f}", f"{all_['raw_cost']:.1f}",
-                  f"{all_['full_cost']:.1f}", f"{all_['calls_per_question']:.2f}", f"{all_['format_error_rate']:.3f}",
+                  f"{all_['full_cost']:.1f}", f"{all_['calls_per_question']:.2f}", f"{m['call_error_rate']:.3f}",
+                  f"{all_['format_error_rate']:.3f}",
                   f"{m['reward']:.3f}", f"{m['routing_score']:.3f}" if "routing_score" in m else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| router | points | AIQ | APGR | CPT(50%) |", "|---|---|---|---|---|"]
@@ -354,7 +360,10 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     cfg = load_eval_config(args.config, args.overrides)
     specs = [s.strip() for s in args.routers.split(",") if s.strip()]
-    result = evaluate_routers(cfg, specs, Path(args.out or cfg.out))
+    try:
+        result = evaluate_routers(cfg, specs, Path(args.out or cfg.out))
+    except CallFailureAbort as e:
+        sys.exit(f"evaluate.py: {e}")
     print(f"\n{result['n_questions']} questions, task {cfg.task}, alpha={cfg.episode.alpha}\n\n{result['table']}\n"
           f"written to {args.out or cfg.out}/")
     return result
@@ -422,7 +431,8 @@ def _evaluate(cfg: EvalConfig, specs: Sequence[str], out: Path, task: EvalTask) 
             share = float(np.mean([two[1] in r["called"] for r in records])) if two else None
             rows.append({"router": router.name_spec, "setting": label,
                          "name": f"{router.name_spec} ({label})" if label else router.name_spec,
-                         "metrics": metrics, "strong_share": share})
+                         "metrics": metrics, "strong_share": share,
+                         "first_error": next((r["first_error"] for r in records if r["first_error"]), None)})
         if isinstance(router, LLMRouter):
             bar.update(1)
     bar.close()
@@ -444,6 +454,11 @@ def _evaluate(cfg: EvalConfig, specs: Sequence[str], out: Path, task: EvalTask) 
               "answer_mode": task.answer_mode,
               "features": ctx._featurizer.name if ctx._featurizer is not None else None}
     write_results(out, result, rows, table)
+    dead = sorted({r["name"] for r in rows if r["metrics"]["calls"] and r["metrics"]["call_error_rate"] == 1.0})
+    if dead:  # written first, so nothing is lost; but a table of zeros must not pass for a result
+        first = next(r["first_error"] for r in rows if r["name"] in dead)
+        raise CallFailureAbort(f"every candidate call of {', '.join(dead)} failed (first error: {first}); "
+                               f"results in {out}/ are not a measurement. Check the pool's backend.")
     return {**result, "table": table}
 
 

@@ -20,6 +20,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from agents.call_errors import CallFailureMonitor
 from agents.config import TrainConfig, load_config, redacted
 from agents.distributed import init_distributed, per_rank
 from agents.policy import build_actor
@@ -55,9 +56,14 @@ def run_sft(cfg: TrainConfig, task, tokenizer, actor, dist_) -> None:
     else:
         examples, script, rng = trajectories_from_jsonl(cfg.sft.source), replay_turns, seeded_rng(cfg.seed, 1)
     examples = examples[dist_.rank::dist_.world_size]
-    episodes = []
+    episodes, monitor = [], CallFailureMonitor(cfg.calls)
     for start in range(0, len(examples), 256):
-        episodes += play_scripted(env, examples[start:start + 256], script, rng)
+        played = play_scripted(env, examples[start:start + 256], script, rng)
+        records = [c for e in played for c in e.calls]
+        failed = [c for c in records if c.error]
+        monitor.observe(len(records), len(failed), f"{failed[0].candidate}: {failed[0].error}" if failed else None,
+                        "warm-start rounds")  # else it would learn to copy error replies
+        episodes += played
     t0 = time.perf_counter()
     losses = sft_train(actor, episodes, tokenizer.pad_token_id, cfg.sft.epochs, cfg.sft.lr, cfg.sft.batch_size,
                        cfg.seed, cfg.rollout.micro_batch_tokens)
@@ -92,7 +98,8 @@ def single_round_rows(cfg: TrainConfig, run_dir: Path) -> dict[str, dict]:
     o = best["metrics"]["by_dataset"]["overall"]
     return {f"best single-round: {best['name']}": {
         "eval/em": o["em"], "eval/format_error": o["format_error_rate"], "eval/raw_cost": o["raw_cost"],
-        "eval/calls": o["calls_per_question"], "eval/reward": best["metrics"]["reward"]}}
+        "eval/calls": o["calls_per_question"], "eval/call_error_rate": best["metrics"]["call_error_rate"],
+        "eval/reward": best["metrics"]["reward"]}}
 
 
 def unknowing_pool(pool: CandidatePool) -> CandidatePool:
@@ -113,7 +120,7 @@ def select_checkpoint(trainer: Trainer, task) -> dict[str, float]:
 def write_report(run_dir: Path, rows: dict[str, dict], metrics_path: Path) -> str:
     """The final table (Markdown) and curves.png (reward, EM and cost over training steps)."""
     cols = [("eval/em", "EM"), ("eval/format_error", "format err"), ("eval/raw_cost", "raw cost"),
-            ("eval/calls", "calls/q"), ("eval/reward", "reward")]
+            ("eval/calls", "calls/q"), ("eval/call_error_rate", "call err"), ("eval/reward", "reward")]
     lines = ["| router | " + " | ".join(c for _, c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, m in rows.items():
         cells = [f"{m[k]:.3f}" if k in m else "-" for k, _ in cols]

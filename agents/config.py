@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import yaml
 
 from agents.advantages import get_advantage
+from agents.call_errors import CallFailureConfig
 from agents.losses import LOSS_AGG_MODES, validate_kl_placement
 from envs.episode import EpisodeConfig
 
@@ -199,6 +200,7 @@ class TrainConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    calls: CallFailureConfig = field(default_factory=CallFailureConfig)  # when failing calls stop a run
     eval_every: int = 10  # steps between held-out evaluations (0: only at the end)
     save_every: int = 10  # steps between checkpoints (0: only at the end)
     save_final: bool = True  # write a checkpoint when the run ends

@@ -22,6 +22,7 @@ import yaml
 from agents import fast_decode, fast_model
 from agents.advantages import AdvantageConfig, AdvantageInput, get_advantage, grpo_group_ids, repeat_for_group
 from agents.batch import RolloutBatch, build_batch, micro_batch_rows, micro_batches
+from agents.call_errors import CallFailureMonitor, call_failure_metrics, first_error
 from agents.config import TrainConfig, redacted
 from agents.distributed import (Dist, PlainEngine, ZeroEngine, broadcast_module, idle_forward, lockstep,
                                 make_engine, wrap_reference)
@@ -76,7 +77,8 @@ def load_reward_fn(spec: str | None) -> Callable:
 # ---------------------------------------------------------------- episodes -> metrics
 
 def episode_metrics(summaries: list[dict], prefix: str) -> dict[str, float]:
-    """Mean reward, EM (outcome), format-error rate, raw cost, calls per episode and per candidate."""
+    """Mean reward, EM (outcome), format-error rate, raw cost, calls per episode and per candidate,
+    and failed calls (`call_failure_metrics`)."""
     n = max(len(summaries), 1)
     out = {
         f"{prefix}/reward": sum(s["reward"]["total"] for s in summaries) / n,
@@ -90,7 +92,7 @@ def episode_metrics(summaries: list[dict], prefix: str) -> dict[str, float]:
         for c in s["calls"]:
             key = f"{prefix}/calls_{c['candidate']}"
             out[key] = out.get(key, 0.0) + 1.0 / n
-    return out
+    return {**out, **call_failure_metrics(summaries, prefix)}
 
 
 @dataclass
@@ -142,6 +144,7 @@ class Trainer:
         self.sampler = PromptSampler(len(task.train), cfg.seed)
         self.step = 0
         self.best_eval = -math.inf
+        self.call_monitor = CallFailureMonitor(cfg.calls)
         self.pad_id = tokenizer.pad_token_id
         r = cfg.rollout
         self.forced = (ForcedSchedule.calls_then_answer(tokenizer, task.pool.names[0], r.forced_turns, r.forced_answer_at)
@@ -341,6 +344,10 @@ class Trainer:
     def train_step(self) -> tuple[dict[str, float], list[dict]]:
         t0 = time.perf_counter()
         batch, summaries, metrics = self.rollout()
+        episodes = self._reduce(episode_metrics(summaries, "train"), len(summaries))
+        n = self.cfg.rollout.n_prompts * self.cfg.rollout.n_per_prompt  # episodes of the step, all ranks
+        self.call_monitor.observe(episodes["train/calls"] * n, episodes["train/failed_calls"] * n,
+                                  first_error(summaries))
         batch = self.score_tokens(batch)
         m = batch.action_mask.bool()
         gap = (batch.sampler_logprobs - batch.old_logprobs).abs()[m]
@@ -351,7 +358,7 @@ class Trainer:
         t1 = time.perf_counter()
         metrics.update(self.update(batch))
         update_s = time.perf_counter() - t1
-        metrics.update(self._reduce(episode_metrics(summaries, "train"), len(summaries)))
+        metrics.update(episodes)
         n_tokens = float(self.dist.all_reduce_sum(batch.attention_mask.sum().float()))
         if torch.cuda.is_available():
             metrics["perf/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
