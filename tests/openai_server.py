@@ -12,6 +12,11 @@ normally. Fault names:
     "malformed"     HTTP 200 whose body is not JSON
     "no_content"    HTTP 200 JSON without `choices[0].message.content`
     "no_usage"      a normal reply without the `usage` field
+    "drip"          a normal reply whose body is sent one byte every 20 ms
+    "huge"          a reply of 2 MB
+    "surrogate"     a reply whose JSON holds a lone surrogate ("\\udcff")
+    "usage_lie"     a normal reply that reports 10**12 completion tokens
+    "echo_key"      HTTP 401 echoing the Authorization header after 175 characters, plain and URL-encoded
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from collections import deque
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-FAULTS = ("timeout", "429", "500", "400", "malformed", "no_content", "no_usage")
+FAULTS = ("timeout", "429", "500", "400", "malformed", "no_content", "no_usage", "drip", "huge", "surrogate",
+          "usage_lie", "echo_key")
 
 
 def reply_text(model: str, messages: list[dict]) -> str:
@@ -115,27 +121,45 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send_raw(200, b'{"choices": [{"message": {"content": "trunc')
         if fault == "no_content":
             return self._send(200, {"choices": [{"message": {"role": "assistant"}}]})
+        if fault == "huge":
+            return self._send(200, {"choices": [{"message": {"content": "x" * 2_000_000}}]})
+        if fault == "surrogate":
+            return self._send_raw(200, b'{"choices": [{"message": {"content": "bad \\udcff char"}}]}')
+        if fault == "echo_key":
+            sent = self.headers.get("Authorization") or ""
+            from urllib.parse import quote
+            return self._send_raw(401, ("e" * 175 + sent + " " + quote(sent, safe="")).encode())
         text = reply_text(body["model"], body["messages"])
         reply = {"id": f"cmpl-{srv.requests}", "object": "chat.completion", "model": body["model"],
                  "choices": [{"index": 0, "finish_reason": "stop",
                               "message": {"role": "assistant", "content": text}}]}
         if fault != "no_usage":
             prompt = sum(len(m["content"].split()) for m in body["messages"])
-            reply["usage"] = {"prompt_tokens": prompt, "completion_tokens": len(text.split()),
-                              "total_tokens": prompt + len(text.split())}
+            completion = 10**12 if fault == "usage_lie" else len(text.split())
+            reply["usage"] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                              "total_tokens": prompt + completion}
+        if fault == "drip":
+            return self._send_raw(200, json.dumps(reply).encode(), drip_s=0.02)
         self._send(200, reply)
 
     def _send(self, status: int, payload: dict, headers: dict | None = None) -> None:
         self._send_raw(status, json.dumps(payload).encode(), headers)
 
-    def _send_raw(self, status: int, data: bytes, headers: dict | None = None) -> None:
+    def _send_raw(self, status: int, data: bytes, headers: dict | None = None, drip_s: float = 0.0) -> None:
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         for key, value in (headers or {}).items():
             self.send_header(key, value)
         self.end_headers()
-        self.wfile.write(data)
+        if not drip_s:
+            self.wfile.write(data)
+            return
+        for i in range(len(data)):  # a byte at a time: each read is quick, the whole body is not
+            if self.server.stopping.wait(drip_s):
+                return
+            self.wfile.write(data[i:i + 1])
+            self.wfile.flush()
 
 
 @contextlib.contextmanager

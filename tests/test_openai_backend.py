@@ -82,7 +82,7 @@ def test_bearer_key_is_read_from_the_named_env_var(server):
 def test_transient_fault_is_retried_once_then_succeeds(fault):
     with serve_openai(api_key=KEY, retry_after="0", hang_s=2.0) as server:
         server.script(fault)
-        record = call_one(make_pool(server.base_url, timeout_s=0.2))
+        record = call_one(make_pool(server.base_url, timeout_s=0.5))
         assert record.error is None and record.reply.startswith("[org/alpha-7b]")
         assert record.attempts == 2
         assert server.requests == 2
@@ -249,3 +249,54 @@ def test_openai_example_config_loads_and_points_at_loopback():
         assert pool.backend.base_url.startswith("http://127.0.0.1:")
     finally:
         pool.close()
+
+
+# --- a misbehaving server gets bounded time, memory and cost; no reply can poison a run ------------
+
+def test_a_body_sent_a_byte_at_a_time_gets_one_whole_call_deadline(server):
+    server.script("drip")
+    start = time.monotonic()
+    record = call_one(make_pool(server.base_url, timeout_s=0.5, max_retries=0))
+    assert time.monotonic() - start < 3  # the body takes over 5 s to arrive whole
+    assert "timeout" in record.error and record.cost == 0
+
+
+def test_a_huge_reply_fails_at_the_byte_limit_without_a_retry(server):
+    server.script("huge")
+    record = call_one(make_pool(server.base_url, max_reply_bytes=100_000))
+    assert "max_reply_bytes" in record.error and server.requests == 1 and record.cost == 0
+
+
+def test_a_lone_surrogate_in_a_reply_is_replaced(server):
+    server.script("surrogate")
+    record = call_one(make_pool(server.base_url))
+    assert record.error is None and record.reply == "bad \ufffd char"
+    record.reply.encode("utf-8")  # encodable, so any tokenizer takes it
+
+
+def test_reported_usage_is_clamped_to_the_requests_max_tokens(server, caplog):
+    server.script("usage_lie")
+    record = call_one(make_pool(server.base_url))
+    assert record.completion_tokens == RequestConfig().max_tokens
+    assert "reported 1000000000000 completion tokens" in caplog.text
+
+
+def test_a_key_echoed_late_or_url_encoded_is_redacted_before_the_error_is_cut(server):
+    server.script("echo_key")
+    record = call_one(make_pool(server.base_url, max_retries=0))
+    assert "HTTP 401" in record.error
+    assert not any(KEY[:n] in record.error for n in (6, 12, 18)), record.error
+    assert "sk-test" not in record.error and "sk%2Dtest" not in record.error
+
+
+def test_a_key_read_with_a_trailing_cr_is_stripped(server, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, KEY + "\r\n")
+    record = call_one(make_pool(server.base_url))
+    assert record.error is None and server.authorizations[-1] == f"Bearer {KEY}"
+
+
+def test_a_key_with_control_characters_inside_is_refused_without_printing_it(server, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "sk-abc\ndef")
+    record = call_one(make_pool(server.base_url))
+    assert KEY_ENV in record.error and "control characters" in record.error
+    assert "sk-abc" not in record.error and server.requests == 0

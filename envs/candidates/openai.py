@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import logging
 import os
 import random
 import time
+import urllib.parse
 from collections.abc import Mapping, Sequence
 
 import httpx
@@ -66,8 +68,13 @@ class OpenAIBackend:
     backoff_base_s * 2**(k-1))) ("Exponential Backoff and Jitter", AWS Architecture Blog, 2015).
     At most `max_concurrency` requests are in flight; waits between retries do not hold a slot.
 
+    Each attempt has a whole-call deadline of `timeout_s` (a body sent a byte at a time gets no more),
+    and reads at most `max_reply_bytes` of body (more fails the call at once).
+
     The API key is read from the environment variable *named* `api_key_env` when the client is
-    built; it is never stored on this object, printed, or put in an error message.
+    built, stripped of surrounding whitespace, and refused if it holds control characters; it is
+    never stored on this object, printed, or put in an error message (error texts are redacted of
+    it, plain and URL-encoded, before they are cut).
     """
 
     def __init__(
@@ -78,6 +85,7 @@ class OpenAIBackend:
         max_concurrency: int = 16,
         max_retries: int = 3,
         backoff_base_s: float = 0.5,
+        max_reply_bytes: int = 1_000_000,
         backoff_max_s: float = 30.0,
         retry_after_max_s: float = 60.0,
         headers: Mapping[str, str] | None = None,
@@ -93,11 +101,14 @@ class OpenAIBackend:
                 raise ValueError(f"openai backend: {key}={value!r} must be >= 0")
         if max_concurrency < 1:
             raise ValueError(f"openai backend: max_concurrency={max_concurrency!r} must be >= 1")
+        if max_reply_bytes < 1:
+            raise ValueError(f"openai backend: max_reply_bytes={max_reply_bytes!r} must be >= 1")
         if max_retries < 0:
             raise ValueError(f"openai backend: max_retries={max_retries!r} must be >= 0")
         self.base_url = base_url.rstrip("/")
         self.api_key_env = api_key_env
         self.timeout_s = float(timeout_s)
+        self.max_reply_bytes = int(max_reply_bytes)
         self.max_concurrency = int(max_concurrency)
         self.max_retries = int(max_retries)
         self.backoff_base_s = float(backoff_base_s)
@@ -124,11 +135,7 @@ class OpenAIBackend:
         if self._client is None or self._loop is not loop:
             headers = dict(self.headers)
             if self.api_key_env:
-                key = os.environ.get(self.api_key_env)
-                if not key:
-                    raise candidate_error(f"environment variable {self.api_key_env} (API key for "
-                                          f"{self.base_url}) is not set", attempts=0)
-                headers["Authorization"] = f"Bearer {key}"
+                headers["Authorization"] = f"Bearer {self._api_key()}"
             self._client = httpx.AsyncClient(
                 base_url=self.base_url, headers=headers, timeout=httpx.Timeout(self.timeout_s),
                 limits=httpx.Limits(max_connections=self.max_concurrency))
@@ -136,9 +143,25 @@ class OpenAIBackend:
             self._loop = loop
         return self._client, self._slots
 
+    def _api_key(self) -> str:
+        key = (os.environ.get(self.api_key_env) or "").strip()
+        if not key:
+            raise candidate_error(f"environment variable {self.api_key_env} (API key for "
+                                  f"{self.base_url}) is not set", attempts=0)
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
+            raise candidate_error(f"environment variable {self.api_key_env} holds control characters inside "
+                                  "the API key; set it again without them", attempts=0)
+        return key
+
     def _redact(self, text: str) -> str:
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        return text.replace(key, "***") if key else text
+        """`text` with the API key replaced by ***, as sent and in its URL-encoded forms."""
+        raw = os.environ.get(self.api_key_env) if self.api_key_env else None
+        keys = {raw, raw.strip()} if raw and raw.strip() else set()
+        for key in list(keys):
+            keys |= {urllib.parse.quote(key, safe=""), urllib.parse.quote_plus(key)}
+        for key in sorted(keys, key=len, reverse=True):
+            text = text.replace(key, "***")
+        return text
 
     def backoff_s(self, attempt: int, retry_after_s: float | None) -> float:
         """The wait before retry number `attempt` (1-based); see the class docstring."""
@@ -154,9 +177,12 @@ class OpenAIBackend:
             attempts += 1
             try:
                 async with slots:
-                    text, prompt_tokens, completion_tokens = await self._attempt(client, payload)
+                    text, prompt_tokens, completion_tokens = await asyncio.wait_for(
+                        self._attempt(client, payload), self.timeout_s)
                 return Completion(text, prompt_tokens, completion_tokens, attempts=attempts)
-            except _Retryable as e:
+            except (_Retryable, TimeoutError) as e:
+                if isinstance(e, TimeoutError):  # the whole-call deadline
+                    e = _Retryable(f"no whole reply within {self.timeout_s:g}s (timeout)")
                 if attempts > self.max_retries:
                     raise candidate_error(f"{request.spec.name}: {e.reason} after {attempts} attempt(s)",
                                           attempts) from None
@@ -167,25 +193,38 @@ class OpenAIBackend:
     async def _attempt(self, client: httpx.AsyncClient, payload: dict) -> tuple[str, int | None, int | None]:
         """One HTTP round trip: the reply text and token counts, or `_Retryable` / `CandidateError`."""
         try:
-            response = await client.post("/chat/completions", json=payload)
+            async with client.stream("POST", "/chat/completions", json=payload) as response:
+                status = response.status_code
+                raw = bytearray()
+                async for chunk in response.aiter_bytes():
+                    raw += chunk
+                    if len(raw) > self.max_reply_bytes:
+                        raise CandidateError(f"HTTP {status}: reply over max_reply_bytes={self.max_reply_bytes}")
+                retry_after = response.headers.get("retry-after")
         except httpx.TimeoutException as e:
             raise _Retryable(f"{type(e).__name__} (timeout {self.timeout_s:g}s)") from None
         except httpx.RequestError as e:  # connection refused or reset, protocol and decoding errors
             raise _Retryable(self._redact(f"{type(e).__name__}: {e}")[:200]) from None
-        status = response.status_code
         if status in RETRY_STATUSES:
-            raise _Retryable(f"HTTP {status}", parse_retry_after(response.headers.get("retry-after")))
+            raise _Retryable(f"HTTP {status}", parse_retry_after(retry_after))
         if status != 200:
-            raise CandidateError(self._redact(f"HTTP {status}: {response.text[:200]}"))
+            text = bytes(raw).decode("utf-8", errors="replace")
+            raise CandidateError(self._redact(f"HTTP {status}: {text}")[:200])  # redacted, then cut
         try:
-            body = response.json()
+            body = json.loads(bytes(raw))
             text = body["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
             raise _Retryable("reply is not JSON with choices[0].message.content") from None
         if not isinstance(text, str):
             raise _Retryable(f"choices[0].message.content is {type(text).__name__}, not a string")
         usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
-        return text, _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+        completion_tokens = _count(usage.get("completion_tokens"))
+        allowed = payload.get("max_tokens")
+        if completion_tokens is not None and allowed is not None and completion_tokens > allowed:
+            log.warning("%s reported %d completion tokens for max_tokens=%d; %d are charged",
+                        payload["model"], completion_tokens, allowed, allowed)
+            completion_tokens = allowed  # a server is never paid for more than the request allowed
+        return text, _count(usage.get("prompt_tokens")), completion_tokens
 
     async def aclose(self) -> None:
         if self._client is not None:

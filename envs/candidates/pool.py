@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import re
 import sys
 import threading
 import time
@@ -75,6 +76,17 @@ def _import_builtin_backends(kind: str) -> None:
         except ModuleNotFoundError as e:
             if e.name != f"envs.candidates.{module}":
                 raise
+
+
+MAX_REPLY_CHARS = 16_384  # a longer reply is cut here, before anything tokenizes or stores it
+
+
+def sanitize_reply(text: str, max_chars: int = MAX_REPLY_CHARS) -> str:
+    """A candidate's reply as the run may use it: invalid Unicode (lone surrogates) replaced by
+    U+FFFD, and at most `max_chars` characters ("[cut]" marks a cut). Applied once, where replies
+    enter the pool, so the env, the ledger, the cache and the samples see the same text."""
+    text = re.sub(r"[\ud800-\udfff]", "\ufffd", text)
+    return text if len(text) <= max_chars else text[:max_chars] + " [cut]"
 
 
 def word_count(text: str) -> int:
@@ -181,14 +193,15 @@ class CandidatePool:
             reason = str(e) if isinstance(e, CandidateError) else f"{type(e).__name__}: {e}"
             return CallRecord(name, query, "", latency_s=time.perf_counter() - start,
                               error=reason[:300], attempts=getattr(e, "attempts", 0))
+        text = sanitize_reply(done.text)
         prompt_tokens = done.prompt_tokens
         if prompt_tokens is None:
             prompt_tokens = sum(self.count_tokens(m["content"]) for m in messages)
         completion_tokens = done.completion_tokens
         if completion_tokens is None:
-            completion_tokens = self.count_tokens(done.text)
+            completion_tokens = self.count_tokens(text)
         record = CallRecord(
-            name, query, done.text, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+            name, query, text, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
             price_per_1m_input=spec.price_per_1m_input if self.count_prompt_tokens else 0.0,
             price_per_1m_output=spec.price_per_1m_output, latency_s=time.perf_counter() - start,
             cached=done.cached, attempts=done.attempts,
