@@ -15,6 +15,8 @@ import yaml
 from agents.advantages import get_advantage
 from agents.call_errors import CallFailureConfig
 from agents.losses import LOSS_AGG_MODES, validate_kl_placement
+from rewards.compose import load_reward_fn
+from rewards.cost import make_cost_normalizer
 from envs.episode import EpisodeConfig
 
 
@@ -33,6 +35,14 @@ class ModelConfig:
     critic_init: str = "actor"  # actor: critic trunk starts from the policy's weights (the paper)
 
     def __post_init__(self):
+        if self.init:  # a typo in a field name would otherwise be ignored silently by the config class
+            import inspect
+            from transformers import Qwen2Config
+            known = set(inspect.signature(Qwen2Config.__init__).parameters) | set(Qwen2Config().to_dict())
+            unknown = sorted(set(self.init) - known)
+            if unknown:
+                raise ValueError(f"model.init has unknown key(s) {unknown}; they must be Qwen2Config fields "
+                                 "(e.g. hidden_size, num_hidden_layers, num_attention_heads)")
         _one_of("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
         _one_of("model.attn_implementation", self.attn_implementation,
                 ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention"))
@@ -164,6 +174,11 @@ class OptimConfig:
     def __post_init__(self):
         _in_range("optim.actor_lr", self.actor_lr, 0.0, 1.0)
         _in_range("optim.critic_lr", self.critic_lr, 0.0, 1.0)
+        _in_range("optim.weight_decay", self.weight_decay, 0.0, 1.0)
+        if not self.grad_clip > 0:  # a negative norm flips the gradients' sign, 0 zeroes them
+            raise ValueError(f"optim.grad_clip={self.grad_clip!r} must be > 0 (a large number turns clipping off)")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps!r} must be >= 0")
 
 
 @dataclass
@@ -178,12 +193,20 @@ class SFTConfig:
     def __post_init__(self):
         _positive("sft.n_examples", self.n_examples)
         _positive("sft.epochs", self.epochs)
+        _positive("sft.batch_size", self.batch_size)
+        _in_range("sft.lr", self.lr, 0.0, 1.0)
 
 
 @dataclass
 class CostConfig:
     normalizer: str = "router_r1"  # router_r1 | budget | none (rewards.make_cost_normalizer)
     options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        try:  # an unknown name or option fails here, not after the warm start
+            make_cost_normalizer(self.normalizer, **self.options)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"cost.normalizer={self.normalizer!r} with cost.options={self.options!r}: {e}") from None
 
 
 @dataclass
@@ -213,6 +236,13 @@ class TrainConfig:
 
     def __post_init__(self):
         _positive("total_steps", self.total_steps)
+        _positive("log_every", self.log_every)
+        for key in ("eval_every", "save_every", "n_samples_logged"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key}={getattr(self, key)!r} must be >= 0")
+        _positive("keep_checkpoints", self.keep_checkpoints)
+        if self.reward_fn:
+            load_reward_fn(self.reward_fn)  # a bad module:function fails before any model loads
         if self.algorithm.advantage in ("grpo", "rloo") and self.rollout.n_per_prompt < 2:
             raise ValueError(f"algorithm.advantage={self.algorithm.advantage} needs rollout.n_per_prompt >= 2, "
                              f"got {self.rollout.n_per_prompt}")

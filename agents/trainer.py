@@ -33,7 +33,8 @@ from agents.policy import (build_critic, build_reference, chunked_sequence_logpr
 from agents.rollout import ForcedSchedule, run_rollouts
 from envs.env import episode_prompts
 from envs.vector import MultiRouteVectorEnv
-from rewards import compute_reward, make_cost_normalizer
+from rewards import make_cost_normalizer
+from rewards.compose import load_reward_fn
 
 log = logging.getLogger("routerl")
 
@@ -61,17 +62,6 @@ class PromptSampler:
 
     def load_state_dict(self, state: dict) -> None:
         self.cursor = int(state["cursor"])
-
-
-def load_reward_fn(spec: str | None) -> Callable:
-    """`module:function` with rewards.compute_reward's signature, or the paper's reward."""
-    if not spec:
-        return compute_reward
-    module, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"reward_fn={spec!r} could not be loaded ({e}); expected 'module:function'") from None
 
 
 # ---------------------------------------------------------------- episodes -> metrics

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from rewards.answer import _golden_list, exact_match, extract_answer, f1_score
 from rewards.cost import CostNormalizer
@@ -57,3 +58,14 @@ def compute_reward(
     cost_score = cost_normalizer.score(raw_cost) if (cost_normalizer is not None and alpha > 0) else 0.0
     total = (1 - alpha) * outcome + alpha * cost_score  # paper eq. 6
     return RewardBreakdown(total, fmt, outcome, cost_score)
+
+
+def load_reward_fn(spec: str | None) -> Callable:
+    """`module:function` with rewards.compute_reward's signature, or the paper's reward."""
+    if not spec:
+        return compute_reward
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"reward_fn={spec!r} could not be loaded ({e}); expected 'module:function'") from None

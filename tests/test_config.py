@@ -20,6 +20,15 @@ def test_defaults_validate():
     ("model.dtype=int8", "model.dtype"),
     ("deepspeed=zero4", "zero4"),
     ("deepspeed=/no/such/ds.json", "/no/such/ds.json"),
+    ("optim.grad_clip=-1", "optim.grad_clip"),  # would flip the gradients' sign
+    ("optim.grad_clip=0", "optim.grad_clip"),  # would zero them
+    ("log_every=0", "log_every"),
+    ("sft.batch_size=0", "sft.batch_size"),
+    ("cost.normalizer=bogus", "bogus"),
+    ("cost.options={bogus: 1}", "cost.options"),
+    ("reward_fn=nope:fn", "reward_fn='nope:fn'"),
+    ("model.init={hiden_size: 64}", "hiden_size"),
+    ("calls.abort_rate=0", "calls.abort_rate"),
 ])
 def test_out_of_range_values_name_the_key(override, key):
     with pytest.raises(ValueError, match=key):
