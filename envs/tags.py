@@ -115,15 +115,17 @@ def check_candidate_name(name: str) -> str:
 
 # `(?:/\s*)?` rather than `/?\s*`: two adjacent `\s*` backtrack against each other, which made a `<`
 # followed by a long run of spaces quadratic.
-_TAGLIKE_RE = re.compile(r"<(?=\s*(?:/\s*)?(?:think|search|info|answer)\b)", re.IGNORECASE)
+_TAGLIKE_RE = re.compile(r"<(?=\s*(?:/\s*)?(?:think|search|info|answer)\b|\|)", re.IGNORECASE)
 
 
 def escape_info(text: str) -> str:
-    """Neutralize tag-like text in a candidate's reply before it is inserted in `<info>`.
+    """Neutralize tag-like text copied from outside (a candidate's reply, a question) before it is
+    written into any block: the env's `<info>`, or a scripted router's thought, call or answer.
 
     Rule: every `<` that starts something tag-like for one of the four tag names (any case,
-    optional `/` and spaces) becomes `&lt;`. The escaped reply can then never close the `<info>`
-    block, open a search or an answer, or end the episode, whatever its length or truncation.
+    optional `/` and spaces), or a special-token-like `<|`, becomes `&lt;`. The escaped text can
+    then never close its block, open a search or an answer, or end the episode (as an EOS string
+    would), whatever its length or truncation.
     """
     if not isinstance(text, str):
         raise TypeError(f"escape_info expects str, got {type(text).__name__}")
