@@ -25,7 +25,7 @@ from agents.config import TrainConfig, load_config, redacted
 from agents.distributed import init_distributed, per_rank
 from agents.policy import build_actor
 from agents.sft import play_scripted, replay_turns, sft_train, trajectories_from_jsonl
-from agents.trainer import MetricsLogger, Trainer, latest_checkpoint
+from agents.trainer import MetricsLogger, Trainer, complete_checkpoints, latest_checkpoint
 from envs.candidates.pool import CandidatePool
 from envs.candidates.simulated import SimulatedBackend
 from envs.tasks import make_task, seeded_rng
@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: the tiny RouteWorld job)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--resume-anyway", action="store_true",
+                   help="resume even though the seed, alpha, algorithm, task or cost settings changed")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. episode.alpha=0.8")
     return p.parse_args(argv)
 
@@ -102,6 +104,41 @@ def single_round_rows(cfg: TrainConfig, run_dir: Path) -> dict[str, dict]:
         "eval/reward": best["metrics"]["reward"]}}
 
 
+# Settings whose change makes a resumed run a different experiment.
+RESUME_KEYS = ("seed", "episode.alpha", "algorithm.advantage", "task", "cost")
+
+
+def check_resume_config(cfg: TrainConfig, run_dir: Path) -> None:
+    """Refuse to resume when the newest checkpoint was trained with other `RESUME_KEYS` values."""
+    newest = latest_checkpoint(run_dir)
+    if newest is None or not (newest / "config.yaml").exists():
+        return
+    saved, now = yaml.safe_load((newest / "config.yaml").read_text()), redacted(cfg)
+
+    def get(d, key):
+        for part in key.split("."):
+            d = d.get(part) if isinstance(d, dict) else None
+        return d
+    changed = [f"{k}: {get(saved, k)!r} -> {get(now, k)!r}" for k in RESUME_KEYS if get(saved, k) != get(now, k)]
+    if changed:
+        raise ValueError(f"--resume from {newest} with changed settings ({'; '.join(changed)}); use the "
+                         "checkpoint's settings, another run_dir, or --resume-anyway")
+
+
+def load_newest_intact(trainer: Trainer, run_dir: Path) -> Path:
+    """Load the newest complete checkpoint that reads; an unreadable one is reported with its path
+    and the one before it is tried."""
+    for path in complete_checkpoints(run_dir):
+        try:
+            trainer.load(path)
+        except Exception as e:  # a corrupt file: pickle, zip or safetensors errors alike
+            log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one", path, type(e).__name__, e)
+            continue
+        log.info("resumed from %s at step %d", path, trainer.step)
+        return path
+    raise RuntimeError(f"--resume: no checkpoint under {run_dir / 'checkpoints'} could be read")
+
+
 def unknowing_pool(pool: CandidatePool) -> CandidatePool:
     """The same candidates (names, prices, prompt block), each replying "unknown" to everything: the
     control that shows the policy cannot answer held-out questions from what training taught it."""
@@ -162,6 +199,8 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO if dist_.is_main else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     run_dir = Path(cfg.run_dir)
+    if args.resume and not args.resume_anyway:
+        check_resume_config(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if dist_.is_main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(redacted(cfg), sort_keys=False))
@@ -169,7 +208,7 @@ def main(argv=None) -> dict:
 
     task = make_task(cfg)
     try:
-        return train(cfg, task, dist_, run_dir, args.resume)
+        return train(cfg, task, dist_, run_dir, args.resume or args.resume_anyway)
     finally:
         task.pool.close()  # on any error too: a pool left open would keep the process alive
 
@@ -189,7 +228,6 @@ def train(cfg: TrainConfig, task, dist_, run_dir: Path, resume: bool) -> dict:
     if resume_from is not None and sft_dir.exists():
         cfg.model.name_or_path = str(sft_dir)  # ref and critic trunk start from the SFT weights
     actor = build_actor(cfg.model, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, dist_.device)
-    logger = MetricsLogger(run_dir, dist_.is_main, cfg.wandb, redacted(cfg))
 
     rows: dict[str, dict] = {}
     sft_eval_path = run_dir / "sft_eval.json"
@@ -200,8 +238,9 @@ def train(cfg: TrainConfig, task, dist_, run_dir: Path, resume: bool) -> dict:
             tokenizer.save_pretrained(sft_dir)
     trainer = Trainer(cfg, task, tokenizer, actor, dist_, run_dir)
     if resume_from is not None:
-        trainer.load(resume_from)
-        log.info("resumed from %s at step %d", resume_from, trainer.step)
+        load_newest_intact(trainer, run_dir)
+    logger = MetricsLogger(run_dir, dist_.is_main, cfg.wandb, redacted(cfg),
+                           resume_step=trainer.step if resume_from is not None else None)
     if sft_eval_path.exists():
         rows["SFT start" if cfg.sft.enabled else "start"] = json.loads(sft_eval_path.read_text())
     else:
@@ -243,7 +282,7 @@ def train(cfg: TrainConfig, task, dist_, run_dir: Path, resume: bool) -> dict:
         rows["trained policy, every reply 'unknown'"], _ = trainer.evaluate(task.test, pool=silent)
     finally:
         silent.close()
-    logger.log(last_step, {**val, "chosen_step": chosen_step,
+    logger.log(last_step, {**val, "final": True, "chosen_step": chosen_step,
                            **{k.replace("eval/", "test/"): v for k, v in rows["trained policy"].items()}})
     if dist_.is_main:
         if task.references is not None:

@@ -207,7 +207,7 @@ class PlainEngine:
                         "scheduler": self.scheduler.state_dict()}, path / "engine.pt")
 
     def load(self, path: Path) -> None:
-        state = torch.load(path / "engine.pt", map_location=self.dist.device, weights_only=False)
+        state = torch.load(path / "engine.pt", map_location=self.dist.device, weights_only=True)
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -31,6 +31,7 @@ from agents.losses import agg_loss, kl_loss, policy_loss, step_denominator, valu
 from agents.policy import (build_critic, build_reference, chunked_sequence_logprobs, compile_layers,
                            sequence_logprobs, sequence_values)
 from agents.rollout import ForcedSchedule, run_rollouts
+from envs.data import write_atomic
 from envs.env import episode_prompts
 from envs.vector import MultiRouteVectorEnv
 from rewards import make_cost_normalizer
@@ -414,7 +415,8 @@ class Trainer:
                 "kl_ctl": self.kl_ctl.state_dict(),
                 "normalizer": self.normalizer.state_dict(),
                 "sampler": self.sampler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                "rng": {"torch": torch.get_rng_state(), "numpy": _plain_numpy_state(),
+                        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]},
             }
             torch.save(state, tmp / "trainer_state.pt")
             with open(tmp / "config.yaml", "w") as f:
@@ -436,7 +438,7 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         """Restore engines (weights, optimizer, schedule), KL controller, normalizer, sampler cursor, RNG."""
-        state = torch.load(path / "trainer_state.pt", weights_only=False)
+        state = torch.load(path / "trainer_state.pt", weights_only=True)
         self.m.actor_engine.load(path / "actor")
         if self.m.critic_engine is not None:
             self.m.critic_engine.load(path / "critic")
@@ -444,30 +446,49 @@ class Trainer:
         self.normalizer.load_state_dict(state["normalizer"])
         self.sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+        kind, keys, pos, has_gauss, gauss = state["rng"]["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+        version, internal, gauss_next = state["rng"]["python"]
+        random.setstate((version, tuple(internal), gauss_next))
         self.step, self.best_eval = state["step"], state["best_eval"]
 
 
+def _plain_numpy_state() -> list:
+    """numpy's global RNG state as plain values, which `torch.load(weights_only=True)` reads."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete `step_*` checkpoints, newest first (a half-written temp dir is never listed)."""
+    return sorted((p for p in (run_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").exists()), reverse=True)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete `step_*` checkpoint (a half-written temp dir is never chosen)."""
-    steps = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if (p / "COMPLETE").exists())
-    return steps[-1] if steps else None
+    """The newest complete `step_*` checkpoint."""
+    steps = complete_checkpoints(run_dir)
+    return steps[0] if steps else None
 
 
 class MetricsLogger:
     """JSONL (always), TensorBoard (when installed), W&B (when asked for and installed); rank 0 only."""
 
-    def __init__(self, run_dir: Path, enabled: bool, use_wandb: bool = False, config: dict | None = None):
+    def __init__(self, run_dir: Path, enabled: bool, use_wandb: bool = False, config: dict | None = None,
+                 resume_step: int | None = None):
+        """`resume_step`: a resumed run drops the lines logged after that step (they are logged again)."""
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.samples = run_dir / "samples.jsonl"
         self.tb = self.wandb = None
         if not enabled:
             return
+        if resume_step is not None:
+            for path in (self.path, self.samples):
+                _keep_lines_up_to(path, resume_step)
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"),
+                                    purge_step=resume_step + 1 if resume_step is not None else None)
         except ImportError:
             log.info("tensorboard is not installed; logging to metrics.jsonl only")
         if use_wandb:
@@ -499,3 +520,14 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.finish()
 
+
+def _keep_lines_up_to(path: Path, step: int) -> None:
+    """Rewrite a JSONL log without the lines of steps after `step` and without an ended run's
+    `final` summary line (temp file, then rename)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step
+            and not json.loads(line).get("final")]
+    if len(keep) < len(lines):
+        write_atomic(path, lambda tmp: Path(tmp).write_text("".join(keep)))

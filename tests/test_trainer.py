@@ -2,6 +2,7 @@
 checkpoint leaves the previous one usable, every estimator runs without code changes, NaN skips."""
 
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -43,6 +44,9 @@ def test_ppo_steps_change_weights_and_resume_continues_identically(tmp_path):
     w3b = weights(tmp_path / "b" / "checkpoints" / "step_000003")
     for k in w3:
         assert torch.allclose(w3[k], w3b[k], atol=1e-6), k
+    log_b = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in log_b if not m.get("final")] == [1, 2, 3]  # nothing logged twice
+    assert [m["step"] for m in log_b if m.get("final")] == [3]
     metrics = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     for key in ("train/reward", "train/em", "train/format_error", "train/raw_cost", "kl/ref", "actor/entropy",
                 "actor/clip_frac", "actor/approx_kl", "critic/explained_variance", "critic/value_loss"):
@@ -71,6 +75,20 @@ def test_crash_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path):
     rows = train.main(["--config", "configs/routeworld_tiny.yaml", "--resume", f"run_dir={tmp_path / 'c'}",
                        *TINY, "total_steps=2"])
     assert latest_checkpoint(tmp_path / "c").name == "step_000002" and "trained policy" in rows
+
+
+def test_a_corrupt_checkpoint_falls_back_and_a_changed_meaning_is_refused(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    run(tmp_path, "d", "total_steps=2")
+    ckpts = tmp_path / "d" / "checkpoints"
+    (ckpts / "step_000002" / "trainer_state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"episode.alpha: 0.0 -> 0.5.*--resume-anyway"):
+        run(tmp_path, "d", "total_steps=3", "episode.alpha=0.5", "--resume")
+    rows = run(tmp_path, "d", "total_steps=3", "--resume")
+    assert f"checkpoint {ckpts / 'step_000002'} is unreadable" in caplog.text
+    assert "resumed from" in caplog.text and str(ckpts / "step_000001") in caplog.text
+    assert latest_checkpoint(tmp_path / "d").name == "step_000003" and "trained policy" in rows
+    run(tmp_path, "d", "total_steps=3", "episode.alpha=0.5", "--resume-anyway")  # the user's call
 
 
 @pytest.mark.parametrize("algo", [
