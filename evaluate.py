@@ -160,6 +160,11 @@ def build_task(cfg: EvalConfig) -> EvalTask:
     if cfg.task == "llmrouter":
         from envs.candidates.replay import load_llmrouter_outcomes, resolve_data_dir
         root = resolve_data_dir(cfg.data_dir)
+        pool_dir = getattr(getattr(pool.backend, "backend", pool.backend), "data_dir", None)  # behind a cache too
+        if pool_dir is not None and resolve_data_dir(pool_dir).resolve() != root.resolve():
+            pool.close()  # episodes from one folder, replies from another: every call would fail
+            raise ValueError(f"data_dir={cfg.data_dir!r} but the pool {cfg.pool} replays {pool_dir!r}; "
+                             "point both at the same folder")
         _, table, examples = load_llmrouter_outcomes(root)
         test_qs = {row["question"].strip() for row in json.loads((root / "test.json").read_text())}
         test = [ex.as_dict() for ex in examples if ex.question in test_qs]

@@ -85,3 +85,13 @@ def test_evaluate_exits_non_zero_when_all_of_a_routers_calls_failed(tmp_path, mo
                        "world_preset=easy", "outcome_matrix=false"])
     result = json.loads((tmp_path / "results.json").read_text())  # written before exiting
     assert result["rows"][0]["metrics"]["call_error_rate"] == 1.0
+
+
+def test_an_eval_whose_data_dir_differs_from_its_pools_is_refused(tmp_path):
+    """Episodes from one folder and replayed replies from another would make every call fail."""
+    import shutil
+    shutil.copytree("data/llmrouter", tmp_path / "copy")
+    with pytest.raises(ValueError, match="replays 'data/llmrouter'; point both at the same folder"):
+        evaluate.main(["--config", "configs/eval/llmrouter.yaml", "--routers", "largest", "--out",
+                       str(tmp_path / "out"), f"data_dir={tmp_path / 'copy'}"])
+    assert not (tmp_path / "out").exists()

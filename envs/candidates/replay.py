@@ -95,9 +95,10 @@ class ReplayBackend:
     into a failed call.
     """
 
-    def __init__(self, table: ReplayTable, seed: int = 0):
+    def __init__(self, table: ReplayTable, seed: int = 0, data_dir: str | None = None):
         self.table = table
         self.seed = seed
+        self.data_dir = data_dir  # the folder the outcomes came from, when loaded from one
         # Distractors: each benchmark's distinct first golden answers, sorted so draws are reproducible.
         by_dataset: dict[str, set[str]] = {}
         for q in table.questions.values():
@@ -360,4 +361,4 @@ def _make_replay(specs: Sequence[CandidateSpec], source: str, data_dir: str, see
         if spec.model not in known:
             raise ValueError(f"candidate {spec.name!r}: model {spec.model!r} has no outcomes in replay source "
                              f"{source!r}; known models: {', '.join(sorted(known))}")
-    return ReplayBackend(table, seed=seed)
+    return ReplayBackend(table, seed=seed, data_dir=str(data_dir))
