@@ -95,3 +95,27 @@ def test_an_eval_whose_data_dir_differs_from_its_pools_is_refused(tmp_path):
         evaluate.main(["--config", "configs/eval/llmrouter.yaml", "--routers", "largest", "--out",
                        str(tmp_path / "out"), f"data_dir={tmp_path / 'copy'}"])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"backend": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "timout_s": 3}}, "backend 'openai':.*timout_s"),
+    ({"backend": {"base_url": "x"}}, "'backend' needs a 'kind'"),
+    ({"candidates": ["A"]}, r"candidates\[0\] is 'A'"),
+])
+def test_a_bad_pool_file_names_the_file_and_the_key(tmp_path, cfg, message):
+    import yaml
+    from envs.candidates.pool import load_pool
+    path = tmp_path / "pool.yaml"
+    path.write_text(yaml.safe_dump({"candidates": [{"name": "A", "model": "m", "params_b": 1,
+                                                    "price_per_1m_output": 1.0}], **cfg}))
+    with pytest.raises(ValueError, match=f"{path}: {message}"):
+        load_pool(path)
+
+
+def test_a_garbage_cache_file_is_named(tmp_path):
+    from envs.candidates.pool import load_pool
+    cache = tmp_path / "cache.sqlite"
+    cache.write_bytes(b"not a database" * 100)
+    with pytest.raises(ValueError, match=f"cache.path '{cache}' is not a readable SQLite cache"):
+        load_pool({"candidates": [{"name": "A", "model": "m", "params_b": 1, "price_per_1m_output": 1.0}],
+                   "cache": {"mode": "readwrite", "path": str(cache)}})

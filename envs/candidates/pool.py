@@ -265,6 +265,8 @@ def load_pool(
         raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_POOL_KEYS)}")
     specs = []
     for i, c in enumerate(cfg.get("candidates") or []):
+        if not isinstance(c, Mapping):
+            raise ValueError(f"{where}: candidates[{i}] is {c!r}; each candidate is a mapping of {sorted(_SPEC_KEYS)}")
         bad = set(c) - _SPEC_KEYS
         if bad:
             raise ValueError(f"{where}: candidates[{i}] has unknown key(s) {sorted(bad)}; allowed: {sorted(_SPEC_KEYS)}")
@@ -276,14 +278,24 @@ def load_pool(
         raise ValueError(f"{where}: no candidates listed under 'candidates'")
     if backend is None:
         options = dict(cfg.get("backend") or {"kind": "simulated"})
-        backend = make_backend(options.pop("kind"), specs, **options)
+        if "kind" not in options:
+            raise ValueError(f"{where}: 'backend' needs a 'kind' (simulated, openai, local or replay)")
+        kind = options.pop("kind")
+        try:
+            backend = make_backend(kind, specs, **options)
+        except TypeError as e:  # a misspelled or missing option of the backend
+            raise ValueError(f"{where}: backend {kind!r}: {e}") from None
     cache = cfg.get("cache") or {}
     if set(cache) - {"mode", "path"}:
         raise ValueError(f"{where}: unknown key(s) under 'cache': {sorted(set(cache) - {'mode', 'path'})}; allowed: mode, path")
     if cache.get("mode", "off") != "off":
         if not cache.get("path"):
             raise ValueError(f"{where}: cache.mode={cache['mode']!r} needs cache.path (an SQLite file)")
+        import sqlite3
         from envs.candidates.cache import CachedBackend
-        backend = CachedBackend(backend, path=cache["path"], mode=cache["mode"])
+        try:
+            backend = CachedBackend(backend, path=cache["path"], mode=cache["mode"])
+        except sqlite3.DatabaseError as e:
+            raise ValueError(f"{where}: cache.path {cache['path']!r} is not a readable SQLite cache ({e})") from None
     return CandidatePool(specs, backend, RequestConfig(**(cfg.get("request") or {})),
                          bool(cfg.get("count_prompt_tokens", False)), count_tokens)
