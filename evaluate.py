@@ -468,4 +468,7 @@ def _evaluate(cfg: EvalConfig, specs: Sequence[str], out: Path, task: EvalTask) 
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # a bad config, data file or pool: one line
+        sys.exit(f"evaluate.py: {e}")

@@ -20,7 +20,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from agents.call_errors import CallFailureMonitor
+from agents.call_errors import CallFailureAbort, CallFailureMonitor
 from agents.config import TrainConfig, load_config, redacted
 from agents.distributed import init_distributed, per_rank
 from agents.policy import build_actor
@@ -298,4 +298,7 @@ def train(cfg: TrainConfig, task, dist_, run_dir: Path, resume: bool) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError, CallFailureAbort) as e:  # bad config, data or candidates: one line
+        sys.exit(f"{Path(__file__).name}: {e}")

@@ -96,9 +96,35 @@ def _open_source(cfg: QADataConfig):
             raise ValueError(f"{path}: unknown file type {path.suffix!r}; use one of {sorted(_FORMATS)}")
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such data file")
-        return datasets.load_dataset(fmt, data_files=str(path), split="train"), str(path)
+        _check_text_file(path)
+        try:
+            return datasets.load_dataset(fmt, data_files=str(path), split="train"), str(path)
+        except Exception as e:  # the reader's own errors name neither the file nor the row
+            raise ValueError(f"{path}: could not be read as {fmt} ({type(e).__name__}: {str(e)[:300]})") from None
     where = f"{cfg.path}[{cfg.subset}]" if cfg.subset else cfg.path
     return datasets.load_dataset(cfg.path, cfg.subset, split=cfg.split), f"{where} split {cfg.split!r}"
+
+
+def _check_text_file(path: Path) -> None:
+    """A local text data file must be non-empty UTF-8, and a .jsonl file one JSON object per line;
+    errors name the file and the line."""
+    if path.suffix.lower() not in (".jsonl", ".json", ".csv"):
+        return
+    data = path.read_bytes()
+    if not data.strip():
+        raise ValueError(f"{path}: the file is empty")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path} line {line}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    if path.suffix.lower() == ".jsonl":
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
 
 
 def _text(value: object, column: str) -> str:

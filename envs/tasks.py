@@ -4,6 +4,7 @@ own), the scripted warm-start agent, and reference rows for the final table."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -70,6 +71,10 @@ def make_qa_task(train_path: str, test_path: str | None, pool_path: str, n_test:
     kept back for checkpoint selection; with no test file, the test questions are the first `n_test`
     training questions (then the test figures are not held out)."""
     from envs.data import QADataConfig, load_qa
+    for path in (train_path, test_path):
+        if path and path.endswith((".jsonl", ".json", ".parquet", ".csv")) and not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no such data file; prepare the paper's splits with "
+                                    "`python -m envs.data prepare --out data/` (see README, Data)")
     rows = [e.__dict__ for e in load_qa(QADataConfig(path=train_path))]
     n_val = min(len(rows) // 10, n_test)
     train, val = rows[:len(rows) - n_val], rows[len(rows) - n_val:]

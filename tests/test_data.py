@@ -2,6 +2,7 @@
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 
@@ -134,3 +135,26 @@ def test_prepare_output_loads_back_with_sizes_and_no_temp_files(tmp_path):
 def test_missing_local_file_raises_naming_it(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nowhere\.jsonl: no such data file"):
         load_qa(QADataConfig(str(tmp_path / "nowhere.jsonl")))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"question": "q", "golden_answers": ["a"]}\n\xff\xfe bad\n', r"line 2: not UTF-8"),
+    (b"", "the file is empty"),
+    (b'{"question": "q", "golden_answers": ["a"]}\n{"question": \n', r"line 2: not valid JSON"),
+])
+def test_an_unreadable_data_file_names_the_file_and_line(tmp_path, content, message):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"{path}.*{message}"):
+        load_qa(QADataConfig(path=str(path)))
+
+
+def test_train_without_prepared_data_says_how_to_prepare_it(tmp_path):
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "train.py", "--config", "configs/ppo.yaml", "task.train_path=" +
+                           str(tmp_path / "none.jsonl"), "device=cpu"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("train.py: ") and "python -m envs.data prepare" in done.stderr
+    assert "Traceback" not in done.stderr
