@@ -28,6 +28,7 @@ from agents.sft import play_scripted, replay_turns, sft_train, trajectories_from
 from agents.trainer import MetricsLogger, Trainer, complete_checkpoints, latest_checkpoint
 from envs.candidates.pool import CandidatePool
 from envs.candidates.simulated import SimulatedBackend
+from envs.prompts import build_prompt
 from envs.tasks import make_task, seeded_rng
 from envs.vector import MultiRouteVectorEnv
 
@@ -102,6 +103,30 @@ def single_round_rows(cfg: TrainConfig, run_dir: Path) -> dict[str, dict]:
         "eval/em": o["em"], "eval/format_error": o["format_error_rate"], "eval/raw_cost": o["raw_cost"],
         "eval/calls": o["calls_per_question"], "eval/call_error_rate": best["metrics"]["call_error_rate"],
         "eval/reward": best["metrics"]["reward"]}}
+
+
+def check_prompt_lengths(cfg: TrainConfig, task, tokenizer) -> None:
+    """Refuse, before any model loads, a question whose episode cannot fit the model's context: its
+    prompt, `max_response_tokens` and `max_turns` replies of `max_info_tokens` (plus their tags).
+    A prompt's length is bounded by a one-word question's prompt plus the question's own tokens."""
+    if cfg.model.name_or_path:
+        from transformers import AutoConfig
+        context = AutoConfig.from_pretrained(cfg.model.name_or_path).max_position_embeddings
+    else:
+        context = cfg.model.init.get("max_position_embeddings", 2048)
+    e = cfg.episode
+    budget = context - e.max_response_tokens - e.max_turns * (e.max_info_tokens + 8)
+    base = len(tokenizer.encode(build_prompt("?", task.pool.specs, e.prompt_template, e.max_turns),
+                                add_special_tokens=False))
+    for split, rows in (("train", task.train), ("val", task.val), ("test", task.test)):
+        lengths = [len(ids) for ids in tokenizer([q["question"] for q in rows], add_special_tokens=False)["input_ids"]]
+        for q, n in zip(rows, lengths):
+            if base + n + 2 > budget:
+                raise ValueError(
+                    f"{split} question {q.get('id', q['question'][:60])!r} has {n} tokens: with its prompt "
+                    f"({base}), max_response_tokens={e.max_response_tokens} and {e.max_turns} replies of "
+                    f"max_info_tokens={e.max_info_tokens} its episode exceeds the model's context of {context} "
+                    "tokens; shorten or drop the question, or lower those limits")
 
 
 # Settings whose change makes a resumed run a different experiment.
@@ -223,6 +248,7 @@ def train(cfg: TrainConfig, task, dist_, run_dir: Path, resume: bool) -> dict:
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise ValueError("the tokenizer needs a pad token distinct from EOS (set one and save the tokenizer)")
 
+    check_prompt_lengths(cfg, task, tokenizer)
     resume_from = latest_checkpoint(run_dir) if resume else None
     sft_dir = run_dir / "sft_policy"
     if resume_from is not None and sft_dir.exists():

@@ -158,3 +158,18 @@ def test_train_without_prepared_data_says_how_to_prepare_it(tmp_path):
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith("train.py: ") and "python -m envs.data prepare" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_question_too_long_for_the_models_context_is_refused_before_any_model_loads():
+    import train
+    from agents.config import load_config
+    from envs.tasks import make_task
+    cfg = load_config("configs/routeworld_tiny.yaml", [])
+    task = make_task(cfg)
+    try:
+        train.check_prompt_lengths(cfg, task, task.tokenizer)  # the shipped task fits
+        task.train[3] = dict(task.train[3], question="word " * 100_000)
+        with pytest.raises(ValueError, match=r"train question 'routeworld-train-0003' has 300001 tokens.*context of 512"):
+            train.check_prompt_lengths(cfg, task, task.tokenizer)
+    finally:
+        task.pool.close()

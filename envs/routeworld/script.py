@@ -18,6 +18,15 @@ from rewards.answer import normalize_answer
 from rewards.cost import CostNormalizer
 
 POLICIES = ("random", "oracle")
+# How a scripted thought names a sub-question's domain, as a person reading it would
+# ("need the country of X, a geography question"); the prompt describes each candidate's topics.
+DOMAIN_WORDS = {"geo": "geography", "people": "people", "business": "business"}
+
+
+def hop_thought(relation: str, subject: str) -> str:
+    """The thought before a hop's call: what is needed, and the kind of question it is."""
+    rel = RELATIONS[relation]
+    return f"need {rel.phrase.format(subject)}, a {DOMAIN_WORDS[rel.domain]} question"
 
 
 def call_chunk(think: str, name: str, query: str) -> str:
@@ -51,7 +60,7 @@ def scripted_turn(
     Rule: once a reply says "unknown", or every hop (or the whole question) has been asked, or
     `max_turns` calls were made, answer with the entity extracted from the last reply
     ("<think> the answer is X </think>\\n<answer> X </answer>"). Otherwise ask the next hop,
-    naming the entity the previous reply gave ("<think> need the country of X </think>\\n
+    naming the entity the previous reply gave ("<think> need the country of X, a geography question </think>\\n
     <search> Name: In which country is X? </search>"). "random" sends each hop to a uniformly random
     candidate of `candidate_names` (drawn from `rng`); "oracle" follows `oracle_plan` at `alpha`
     (needs `world`), asking a two-hop question whole when that plan does.
@@ -74,7 +83,7 @@ def scripted_turn(
     relation = RELATIONS[hops[n]["relation"]]
     subject = hops[0]["subject"] if n == 0 else last
     name = names[n] if policy == "oracle" else candidate_names[int(rng.integers(len(candidate_names)))]
-    return call_chunk(f"need {relation.phrase.format(subject)}", name, relation.ask.format(subject))
+    return call_chunk(hop_thought(hops[n]["relation"], subject), name, relation.ask.format(subject))
 
 
 @dataclass

@@ -9,8 +9,8 @@ from transformers import PreTrainedTokenizerFast
 
 from envs.bpe import TAG_STRINGS, byte_level_bpe
 from envs.routeworld.candidates import UNKNOWN, reply_text
-from envs.routeworld.script import answer_chunk, call_chunk, info_block
-from envs.routeworld.world import RELATIONS, World
+from envs.routeworld.script import answer_chunk, call_chunk, hop_thought, info_block
+from envs.routeworld.world import World
 
 
 def world_texts(world: World) -> Iterator[str]:
@@ -22,9 +22,9 @@ def world_texts(world: World) -> Iterator[str]:
         for p in profiles:
             yield call_chunk("ask the whole question", p.name, q["question"])
         for hop in q["hops"]:
-            phrase = RELATIONS[hop["relation"]].phrase.format(hop["subject"])
+            thought = hop_thought(hop["relation"], hop["subject"])
             for p in profiles:
-                yield call_chunk(f"need {phrase}", p.name, hop["sub_question"])
+                yield call_chunk(thought, p.name, hop["sub_question"])
                 yield info_block(reply_text(p, hop["answer"])) + info_block(reply_text(p, UNKNOWN))
             yield answer_chunk(hop["answer"])
         yield answer_chunk(UNKNOWN)
