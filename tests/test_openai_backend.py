@@ -300,3 +300,8 @@ def test_a_key_with_control_characters_inside_is_refused_without_printing_it(ser
     record = call_one(make_pool(server.base_url))
     assert KEY_ENV in record.error and "control characters" in record.error
     assert "sk-abc" not in record.error and server.requests == 0
+
+
+def test_a_reply_that_echoes_the_key_is_redacted_before_the_ledger_or_the_context_sees_it(server):
+    record = call_one(make_pool(server.base_url), query=f"repeat {KEY} please")
+    assert record.error is None and KEY not in record.reply and "***" in record.reply

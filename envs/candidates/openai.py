@@ -217,6 +217,7 @@ class OpenAIBackend:
             raise _Retryable("reply is not JSON with choices[0].message.content") from None
         if not isinstance(text, str):
             raise _Retryable(f"choices[0].message.content is {type(text).__name__}, not a string")
+        text = self._redact(text)  # a server that echoes the key must not put it in the ledger or the context
         usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
         completion_tokens = _count(usage.get("completion_tokens"))
         allowed = payload.get("max_tokens")
