@@ -271,14 +271,13 @@ def make_world(cfg: WorldConfig) -> World:
             company = add("company", f"{new_place()} {company_word}")
             facts["founder"][company] = people[i]
             facts["hq_city"][company] = floating_city if i == 0 else placed[rng.integers(len(placed))]
+            if i == 0:
+                floating.add(company)
             if i == 1:
                 hidden.add(("founder", company) if c in half[1] else ("birth_city", people[i]))
             if i == 2 and c in half[2]:
                 hidden.add(("hq_city", company))
-        if people:
-            floating.add(people[0])
-        if cfg.companies_per_country:
-            floating.add(entities["company"][-cfg.companies_per_country])
+        floating.update(people[:1])
     for members in unions:
         currency_word = CURRENCY_WORDS[rng.integers(len(CURRENCY_WORDS))]
         currency = add("currency", f"{new_place()} {currency_word}")
