@@ -153,7 +153,7 @@ def test_train_without_prepared_data_says_how_to_prepare_it(tmp_path):
     import subprocess
     import sys
     done = subprocess.run([sys.executable, "train.py", "--config", "configs/ppo.yaml", "task.train_path=" +
-                           str(tmp_path / "none.jsonl"), "device=cpu"], capture_output=True, text=True,
+                           str(tmp_path / "none.jsonl"), "device=cpu", "deepspeed=null"], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parent.parent)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1].startswith("train.py: ") and "python -m envs.data prepare" in done.stderr
