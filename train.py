@@ -20,7 +20,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from agents.call_errors import CallFailureAbort, CallFailureMonitor
+from agents.call_errors import CallFailureAbort, CallFailureMonitor, first_error
 from agents.config import TrainConfig, load_config, redacted
 from agents.distributed import init_distributed, per_rank
 from agents.policy import build_actor
@@ -62,9 +62,8 @@ def run_sft(cfg: TrainConfig, task, tokenizer, actor, dist_) -> None:
     episodes, monitor = [], CallFailureMonitor(cfg.calls)
     for start in range(0, len(examples), 256):
         played = play_scripted(env, examples[start:start + 256], script, rng)
-        records = [c for e in played for c in e.calls]
-        failed = [c for c in records if c.error]
-        monitor.observe(len(records), len(failed), f"{failed[0].candidate}: {failed[0].error}" if failed else None,
+        calls = [c.as_dict() for e in played for c in e.calls]
+        monitor.observe(len(calls), sum(bool(c["error"]) for c in calls), first_error([{"calls": calls}]),
                         "warm-start rounds")  # else it would learn to copy error replies
         episodes += played
     t0 = time.perf_counter()

@@ -15,9 +15,9 @@ import yaml
 from agents.advantages import get_advantage
 from agents.call_errors import CallFailureConfig
 from agents.losses import LOSS_AGG_MODES, validate_kl_placement
+from envs.episode import EpisodeConfig
 from rewards.compose import load_reward_fn
 from rewards.cost import make_cost_normalizer
-from envs.episode import EpisodeConfig
 
 
 @dataclass

@@ -3,7 +3,6 @@ evaluation and checkpoints. The algorithm is a config choice; nothing here branc
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import math
@@ -13,7 +12,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -416,7 +415,7 @@ class Trainer:
                 "normalizer": self.normalizer.state_dict(),
                 "sampler": self.sampler.state_dict(),
                 "rng": {"torch": torch.get_rng_state(), "numpy": _plain_numpy_state(),
-                        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]},
+                        "python": _plain_python_state()},
             }
             torch.save(state, tmp / "trainer_state.pt")
             with open(tmp / "config.yaml", "w") as f:
@@ -457,6 +456,12 @@ def _plain_numpy_state() -> list:
     """numpy's global RNG state as plain values, which `torch.load(weights_only=True)` reads."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]
+
+
+def _plain_python_state() -> list:
+    """Python's global RNG state as plain values (its tuple of ints as a list)."""
+    version, internal, gauss_next = random.getstate()
+    return [version, list(internal), gauss_next]
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -527,7 +532,7 @@ def _keep_lines_up_to(path: Path, step: int) -> None:
     if not path.exists():
         return
     lines = path.read_text().splitlines(keepends=True)
-    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step
-            and not json.loads(line).get("final")]
+    records = [(line, json.loads(line)) for line in lines if line.strip()]
+    keep = [line for line, r in records if r.get("step", 0) <= step and not r.get("final")]
     if len(keep) < len(lines):
         write_atomic(path, lambda tmp: Path(tmp).write_text("".join(keep)))

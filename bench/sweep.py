@@ -104,10 +104,9 @@ def curves(out: Path, estimator: str, alphas: list[float], seeds: list[int], tab
     for name in (k for k in rows[0] if k.startswith("fixed: ")):
         out_curves[name] = [(rows[0][name]["raw_cost"][0], rows[0][name]["em"][0])]
     grids = [single_round_points(out / run_name(estimator, alphas[0], s)) for s in seeds]
-    for router in grids[0]:
-        settings = [p[0] for p in grids[0][router]]
+    for router, points in grids[0].items():
         out_curves[router] = [(float(np.mean([g[router][i][1] for g in grids])),
-                               float(np.mean([g[router][i][2] for g in grids]))) for i in range(len(settings))]
+                               float(np.mean([g[router][i][2] for g in grids]))) for i in range(len(points))]
     return out_curves
 
 

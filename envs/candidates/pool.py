@@ -25,6 +25,7 @@ from rewards.cost import raw_cost
 
 log = logging.getLogger(__name__)
 
+
 class CandidateError(RuntimeError):
     """A candidate call failed for good (after retries); the message is safe to show and log."""
 
@@ -225,12 +226,6 @@ class CandidatePool:
             except Exception as e:  # closing must not turn a finished run into a crash
                 log.warning("candidate pool: closing the backend failed: %s: %s", type(e).__name__, e)
         loop.stop(timeout_s)
-
-    def __enter__(self) -> "CandidatePool":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __del__(self):
         # during interpreter shutdown no other thread may run any more: waiting on the loop's thread

@@ -146,7 +146,7 @@ class World:
             index[key] = query
         return index
 
-    def _split_of(self, template: str, hops: list[dict]) -> str | None:
+    def _split_of(self, hops: list[dict]) -> str | None:
         """train, held (val or test) or None (asked in neither split); see the class docstring."""
         if not any((h["relation"], h["subject"]) in self.hidden for h in hops):
             return "train"
@@ -171,7 +171,7 @@ class World:
                     entity = answer
                 row = {"question": ask.format(subject), "golden_answers": [entity], "dataset": DATASET,
                        "template": template, "hops": hops, "domains": [h["domain"] for h in hops]}
-                split = self._split_of(template, hops)
+                split = self._split_of(hops)
                 if split == "train":
                     rows["train"].append(row)
                 elif split == "held":
