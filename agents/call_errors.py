@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import re
 from collections import deque
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def error_kind(error: str) -> str:
     status = re.search(r"\bHTTP (\d{3})\b", error)
     if status:
         return f"http_{status.group(1)}"
-    for kind, pattern in (("timeout", r"Timeout"), ("connection", r"Connect|Connection|RemoteProtocol|ReadError"),
+    for kind, pattern in (("timeout", r"Timeout|\(timeout\)"), ("connection", r"Connect|Connection|RemoteProtocol|ReadError"),
                           ("api_key", r"environment variable|API key"), ("bad_reply", r"not JSON|choices\[0\]"),
                           ("replay", r"^replay:")):
         if re.search(pattern, error):
@@ -66,11 +66,12 @@ def call_failure_metrics(summaries: Iterable[Mapping], prefix: str) -> dict[str,
 
 
 def first_error(summaries: Iterable[Mapping]) -> str | None:
-    """The first failed call's candidate and error text, or None."""
+    """The first failed call's error text, led by its candidate's name, or None."""
     for s in summaries:
         for c in s["calls"]:
             if c.get("error"):
-                return f"{c['candidate']}: {c['error']}"
+                named = c["error"].startswith(f"{c['candidate']}: ")  # the openai backend names it already
+                return c["error"] if named else f"{c['candidate']}: {c['error']}"
     return None
 
 

@@ -6,7 +6,7 @@ import asyncio
 import sqlite3
 
 import pytest
-from openai_server import closed_port_url, serve_openai
+from envs.candidates.fault_server import closed_port_url, serve_openai
 
 from envs.candidates.cache import CachedBackend, CacheMiss, cache_key
 from envs.candidates.pool import Request, load_pool

@@ -28,7 +28,8 @@ def test_failed_calls_are_counted_per_candidate_and_kind_and_refusals_are_not_ca
 
 
 @pytest.mark.parametrize("error, kind", [
-    ("A: HTTP 401: bad key after 1 attempt(s)", "http_401"), ("A: ConnectError: refused after 3 attempt(s)", "connection"),
+    ("A: HTTP 401: bad key after 1 attempt(s)", "http_401"),
+    ("A: no whole reply within 1s (timeout) after 2 attempt(s)", "timeout"), ("A: ConnectError: refused after 3 attempt(s)", "connection"),
     ("environment variable KEY (API key for http://x) is not set", "api_key"),
     ("A: reply is not JSON with choices[0].message.content after 2 attempt(s)", "bad_reply"),
     ("replay: no recorded outcomes for question 'q'", "replay"), ("KeyError: 'x'", "other")])

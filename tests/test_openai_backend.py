@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from openai_server import closed_port_url, reply_text, serve_openai
+from envs.candidates.fault_server import closed_port_url, reply_text, serve_openai
 
 from envs.candidates.cache import CachedBackend
 from envs.candidates.openai import OpenAIBackend, parse_retry_after

@@ -1,9 +1,12 @@
-"""A small OpenAI-compatible chat-completions server on 127.0.0.1 for tests, with scripted faults.
+"""A small OpenAI-compatible chat-completions server on 127.0.0.1 that injects faults, for the tests
+and `bench/chaos.py`.
 
-The reply to a request is `[<model>] <content of the last message>`, and `usage` counts
-whitespace-separated words, so every answer is known in advance. Faults are scripted per request
-in arrival order with `server.script(...)`; once the script is used up, requests are answered
-normally. Fault names:
+The reply to a request is `answer(model, messages)`, by default `[<model>] <content of the last
+message>`, and `usage` counts whitespace-separated words, so every answer is known in advance. Faults are scripted per request
+in arrival order with `server.script(...)`; once the script is used up, each request draws its fault
+from `mix` ({fault: probability}, the rest answered normally) with the server's seeded RNG, or is
+answered normally when there is no mix. `served` counts requests by the fault applied ("ok": none).
+Fault names:
 
     "timeout"       sleep `hang_s` before answering (set it beyond the client's timeout)
     "429"           HTTP 429 with `Retry-After: <retry_after>` (seconds)
@@ -23,11 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import socket
 import threading
-from collections import deque
-from collections.abc import Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import quote
 
 FAULTS = ("timeout", "429", "500", "400", "malformed", "no_content", "no_usage", "drip", "huge", "surrogate",
           "usage_lie", "echo_key")
@@ -42,10 +47,22 @@ class FakeOpenAIServer(ThreadingHTTPServer):
     """The server and its test-visible state: the fault script, request counts, headers seen."""
 
     daemon_threads = True
+    request_queue_size = 256  # every concurrent client connects at once (the default backlog is 5)
 
     def __init__(self, api_key: str | None = None, delay_s: float = 0.0, hang_s: float = 5.0,
-                 retry_after: str = "1"):
+                 retry_after: str = "1", mix: Mapping[str, float] | None = None, seed: int = 0,
+                 answer: Callable[[str, list[dict]], str] = reply_text):
         super().__init__(("127.0.0.1", 0), _Handler)
+        mix = dict(mix or {})
+        for fault, p in mix.items():
+            if fault not in FAULTS or not 0.0 <= p <= 1.0:
+                raise ValueError(f"mix: {fault!r}: {p!r}; faults are {FAULTS} with probabilities in [0, 1]")
+        if sum(mix.values()) > 1.0 + 1e-9:
+            raise ValueError(f"mix: the probabilities sum to {sum(mix.values()):g} > 1")
+        self.mix = mix
+        self.answer = answer
+        self.rng = random.Random(seed)
+        self.served: Counter[str] = Counter()
         self.api_key = api_key
         self.delay_s = delay_s          # every answer waits this long (to observe concurrency)
         self.hang_s = hang_s
@@ -71,6 +88,17 @@ class FakeOpenAIServer(ThreadingHTTPServer):
         with self.lock:
             self.faults.extend(faults)
 
+    def next_fault(self) -> str | None:
+        """The fault of the request arriving now (call under `lock`): the script's next, else a draw."""
+        if self.faults:
+            return self.faults.popleft()
+        u = self.rng.random()
+        for fault, p in self.mix.items():
+            if u < p:
+                return fault
+            u -= p
+        return None
+
     def handle_error(self, request, client_address) -> None:
         pass  # a client that gave up (timeout) leaves a broken pipe; that is the test's intent
 
@@ -88,7 +116,8 @@ class _Handler(BaseHTTPRequestHandler):
             srv.requests += 1
             srv.in_flight += 1
             srv.max_in_flight = max(srv.max_in_flight, srv.in_flight)
-            fault = srv.faults.popleft() if srv.faults else None
+            fault = srv.next_fault()
+            srv.served[fault or "ok"] += 1
             srv.authorizations.append(self.headers.get("Authorization"))
         try:
             self._answer(fault)
@@ -127,9 +156,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send_raw(200, b'{"choices": [{"message": {"content": "bad \\udcff char"}}]}')
         if fault == "echo_key":
             sent = self.headers.get("Authorization") or ""
-            from urllib.parse import quote
             return self._send_raw(401, ("e" * 175 + sent + " " + quote(sent, safe="")).encode())
-        text = reply_text(body["model"], body["messages"])
+        text = srv.answer(body["model"], body["messages"])
         reply = {"id": f"cmpl-{srv.requests}", "object": "chat.completion", "model": body["model"],
                  "choices": [{"index": 0, "finish_reason": "stop",
                               "message": {"role": "assistant", "content": text}}]}
