@@ -26,8 +26,9 @@ from agents.config import apply_override, from_dict
 from agents.routers import LLMRouter, RouterContext, RouterOptions, make_router, parse_router_spec
 from agents.routers.base import Answerer
 from agents.routers.outcomes import OutcomeData, from_calls, from_replay_table
-from envs.data import write_atomic
+from envs.atomic import write_atomic
 from envs.episode import EpisodeConfig
+from envs.routeworld import extract_reply_answer
 from rewards import exact_match, extract_answer, f1_score, make_cost_normalizer
 from rewards.metrics import aiq, apgr, bootstrap_ci, cpt, pareto_hull, routing_score, routing_score_bounds, summarize_by
 
@@ -142,6 +143,12 @@ def resolve_answer_mode(cfg: EvalConfig) -> str:
     return {"routeworld": "routeworld", "llmrouter": "reply"}.get(cfg.task, "reader" if cfg.routers.reader_model else "reply")
 
 
+def make_answerer(mode: str, reader=None) -> Answerer:
+    """The answerer of a resolved answer mode; "routeworld" reads replies with RouteWorld's
+    `extract_reply_answer` (the router base knows no task)."""
+    return Answerer(mode, reader, extract_reply_answer if mode == "routeworld" else None)
+
+
 def build_task(cfg: EvalConfig) -> EvalTask:
     from envs.candidates.pool import load_pool
     from agents.routers.tokenizer import text_tokenizer
@@ -151,7 +158,7 @@ def build_task(cfg: EvalConfig) -> EvalTask:
         rw = make_routeworld_task(cfg.world, 10**9, cfg.episode.max_turns, cfg.episode.prompt_template,
                                   cfg.world_preset)
         test = [{k: q[k] for k in ("id", "question", "golden_answers", "dataset")} for q in rw.test]
-        answerer = Answerer("routeworld")
+        answerer = make_answerer("routeworld")
         train = rw.train
         loader = lambda: from_calls(rw.pool, [q["question"] for q in train], [q["golden_answers"] for q in train],
                                     lambda q, r: answerer.answer(0, q, r))
@@ -176,7 +183,7 @@ def build_task(cfg: EvalConfig) -> EvalTask:
         loader = None
         if cfg.train_file:
             train = load_questions(cfg.train_file, "train_file")
-            answerer = Answerer(mode if mode != "reader" else "reply")
+            answerer = make_answerer(mode if mode != "reader" else "reply")
             loader = lambda: from_calls(pool, [q["question"] for q in train], [q["golden_answers"] for q in train],
                                         lambda q, r: answerer.answer(0, q, r))
         texts = [q["question"] for q in test]
@@ -394,7 +401,7 @@ def _evaluate(cfg: EvalConfig, specs: Sequence[str], out: Path, task: EvalTask) 
     if task.answer_mode == "reader":
         from agents.routers.reader import AnswerReader
         reader = AnswerReader(cfg.routers.reader_model, device=cfg.device)
-    ctx = RouterContext(task.pool, cfg.routers, Answerer(task.answer_mode, reader), task.train_loader)
+    ctx = RouterContext(task.pool, cfg.routers, make_answerer(task.answer_mode, reader), task.train_loader)
     routers = []
     for s in specs:
         router = make_router(s, ctx)

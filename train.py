@@ -26,6 +26,7 @@ from agents.distributed import init_distributed, per_rank
 from agents.policy import build_actor
 from agents.sft import play_scripted, replay_turns, sft_train, trajectories_from_jsonl
 from agents.trainer import MetricsLogger, Trainer, complete_checkpoints, latest_checkpoint
+from envs.atomic import write_atomic
 from envs.candidates.pool import CandidatePool
 from envs.candidates.simulated import SimulatedBackend
 from envs.prompts import build_prompt
@@ -188,9 +189,7 @@ def write_report(run_dir: Path, rows: dict[str, dict], metrics_path: Path) -> st
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     (run_dir / "results.md").write_text(table + "\n")
-    tmp = run_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(rows, indent=2))
-    tmp.replace(run_dir / "results.json")
+    write_atomic(run_dir / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=2)))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -205,15 +204,14 @@ def write_report(run_dir: Path, rows: dict[str, dict], metrics_path: Path) -> st
         ax.set_xlabel("step")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(run_dir / "curves.png.tmp.png", dpi=100)
+    write_atomic(run_dir / "curves.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-    (run_dir / "curves.png.tmp.png").replace(run_dir / "curves.png")
     return table
 
 
 def main(argv=None) -> dict:
-    # read when CUDA starts: memory freed by one micro-batch's shapes is reused by the next's (1.5B update
-    # under ZeRO-2 on an H200: 2.60 -> 2.52 s per step); a user's own setting wins
+    # read when CUDA starts: memory freed by one micro-batch's shapes is reused by the next's (faster:
+    # bench/README.md, "Update runs"); a user's own setting wins
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)  # every key validated before any model loads

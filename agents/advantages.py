@@ -15,7 +15,12 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-from agents.collectives import all_reduce
+Reduce = Callable[[Tensor], Tensor]
+
+
+def local(t: Tensor) -> Tensor:
+    """The `reduce` of a single process: a sum over one rank is the tensor itself."""
+    return t
 
 
 @dataclass
@@ -27,12 +32,14 @@ class AdvantageInput:
     action_mask: (B, T) float or bool, 1 where the policy generated the token.
     values: (B, T) critic values, or None for critic-free estimators.
     group_ids: (B,) long, equal for the samples of one prompt (see `grpo_group_ids`).
+    reduce: sums a tensor over data-parallel ranks (the trainer passes its all-reduce; `local` alone).
     """
 
     token_rewards: Tensor
     action_mask: Tensor
     values: Tensor | None
     group_ids: Tensor
+    reduce: Reduce = local
 
 
 @dataclass
@@ -64,19 +71,21 @@ EstimatorFn = Callable[[AdvantageInput, AdvantageConfig], tuple[Tensor, Tensor]]
 class AdvantageEstimator:
     """A registered estimator. `needs_critic`: the trainer builds a critic and fills `values`.
     `outcome_only`: reads only each sequence's summed reward, so a per-token reward term (a KL
-    penalty in the reward) loses its token placement and is folded into one score per sequence."""
+    penalty in the reward) loses its token placement and is folded into one score per sequence.
+    `groups`: compares the episodes of one prompt, so it needs `rollout.n_per_prompt >= 2`."""
 
     name: str
     fn: EstimatorFn
     needs_critic: bool
     outcome_only: bool = False
+    groups: bool = False
 
 
 _ESTIMATORS: dict[str, AdvantageEstimator] = {}
 
 
 def register_advantage(
-    name: str, needs_critic: bool, outcome_only: bool = False
+    name: str, needs_critic: bool, outcome_only: bool = False, groups: bool = False
 ) -> Callable[[EstimatorFn], EstimatorFn]:
     """Decorator adding `fn(data, cfg) -> (advantages, returns)` to the registry under `name`."""
 
@@ -84,7 +93,7 @@ def register_advantage(
         if name in _ESTIMATORS:
             taken_by = _ESTIMATORS[name].fn.__qualname__
             raise ValueError(f"advantage estimator {name!r} is already registered (by {taken_by})")
-        _ESTIMATORS[name] = AdvantageEstimator(name, fn, needs_critic, outcome_only)
+        _ESTIMATORS[name] = AdvantageEstimator(name, fn, needs_critic, outcome_only, groups)
         return fn
 
     return deco
@@ -98,41 +107,31 @@ def get_advantage(name: str) -> AdvantageEstimator:
     return _ESTIMATORS[name]
 
 
-def advantage_names() -> list[str]:
-    """Names of all registered estimators, sorted."""
-    return sorted(_ESTIMATORS)
-
-
 # ---------------------------------------------------------------------------------------------
-# Masked statistics over the whole batch, across data-parallel ranks
+# Masked statistics over the whole batch; `reduce` sums over data-parallel ranks
 
 
-def _all_reduce_sum(t: Tensor) -> Tensor:
-    """Sum `t` over data-parallel ranks when torch.distributed is initialized; identity otherwise."""
-    return all_reduce(t, "sum")
-
-
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+def masked_mean(x: Tensor, mask: Tensor, reduce: Reduce = local) -> Tensor:
     """Mean of x over positions where mask is 1, over the whole batch on all ranks; scalar tensor.
 
-    Sums and counts are all-reduced (SUM) before dividing, so unequal token counts per rank are
-    weighted correctly.
+    Sums and counts are reduced (summed over ranks) before dividing, so unequal token counts per rank
+    are weighted correctly.
     """
     mask = mask.to(x.dtype)
-    sums = _all_reduce_sum(torch.stack([(x * mask).sum(), mask.sum()]))
+    sums = reduce(torch.stack([(x * mask).sum(), mask.sum()]))
     if sums[1] <= 0:
         raise ValueError("masked_mean: the mask selects no position on any rank")
     return sums[0] / sums[1]
 
 
-def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, reduce: Reduce = local) -> Tensor:
     """Variance of x over positions where mask is 1, across ranks; scalar tensor.
 
     Unbiased (divides by n - 1, like `torch.var`) by default; needs n >= 2 selected positions.
     """
-    mean = masked_mean(x, mask)
+    mean = masked_mean(x, mask, reduce)
     mask = mask.to(x.dtype)
-    sums = _all_reduce_sum(torch.stack([((x - mean) ** 2 * mask).sum(), mask.sum()]))
+    sums = reduce(torch.stack([((x - mean) ** 2 * mask).sum(), mask.sum()]))
     n = sums[1]
     if unbiased:
         if n < 2:
@@ -141,13 +140,14 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return sums[0] / n
 
 
-def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-6, shift_mean: bool = True) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, eps: float = 1e-6, shift_mean: bool = True,
+                  reduce: Reduce = local) -> Tensor:
     """(x - mean) / sqrt(var + eps) with mean and unbiased var over masked positions of all ranks.
 
     With shift_mean=False the mean is added back (only the scale changes). Values at masked-out
     positions are transformed too; multiply by the mask to zero them.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean, var = masked_mean(x, mask, reduce), masked_var(x, mask, reduce=reduce)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     return whitened if shift_mean else whitened + mean
 
@@ -240,11 +240,11 @@ def gae_advantage(data: AdvantageInput, cfg: AdvantageConfig) -> tuple[Tensor, T
     advantages, returns = compute_gae(data.token_rewards, data.values, data.action_mask, cfg.gamma, cfg.lam)
     if cfg.whiten:
         mask = data.action_mask.to(advantages.dtype)
-        advantages = masked_whiten(advantages, mask, cfg.eps) * mask
+        advantages = masked_whiten(advantages, mask, cfg.eps, reduce=data.reduce) * mask
     return advantages, returns
 
 
-@register_advantage("grpo", needs_critic=False, outcome_only=True)
+@register_advantage("grpo", needs_critic=False, outcome_only=True, groups=True)
 def grpo_advantage(data: AdvantageInput, cfg: AdvantageConfig) -> tuple[Tensor, Tensor]:
     """GRPO (Shao et al. 2024, DeepSeekMath sec. 4.1.2): R_i = sum_t r_{i,t} over the whole row (the
     outcome reward), A_i = (R_i - mean_g) / (std_g + eps) within the prompt's group g, broadcast over
@@ -260,7 +260,7 @@ def grpo_advantage(data: AdvantageInput, cfg: AdvantageConfig) -> tuple[Tensor, 
     return advantages, advantages
 
 
-@register_advantage("rloo", needs_critic=False, outcome_only=True)
+@register_advantage("rloo", needs_critic=False, outcome_only=True, groups=True)
 def rloo_advantage(data: AdvantageInput, cfg: AdvantageConfig) -> tuple[Tensor, Tensor]:
     """REINFORCE Leave-One-Out (Ahmadian et al. 2024, "Back to Basics", eq. 5): the baseline of sample i
     is the mean outcome of the other samples of its group, A_i = R_i - (sum_g - R_i) / (n_g - 1),
@@ -282,7 +282,7 @@ def reinforce_pp_advantage(data: AdvantageInput, cfg: AdvantageConfig) -> tuple[
     _check_input(data, "reinforce_pp")
     zeros = torch.zeros_like(data.token_rewards)
     returns, _ = compute_gae(data.token_rewards, zeros, data.action_mask, cfg.gamma, 1.0)
-    advantages = masked_whiten(returns, data.action_mask, cfg.eps) * data.action_mask.to(returns.dtype)
+    advantages = masked_whiten(returns, data.action_mask, cfg.eps, reduce=data.reduce) * data.action_mask.to(returns.dtype)
     return advantages, returns
 
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from envs.data import write_atomic
 from envs.episode import Episode
 
 
@@ -51,13 +49,6 @@ class RolloutBatch:
         sub = self.map(lambda t: t[rows])
         width = int(sub.attention_mask.sum(1).max())
         return sub.map(lambda t: t[:, :width] if t.dim() == 2 else t)
-
-    def save(self, path: str | Path) -> None:
-        write_atomic(path, lambda tmp: torch.save(dataclasses.asdict(self), tmp))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "RolloutBatch":
-        return cls(**torch.load(path, weights_only=True))
 
 
 def build_batch(episodes: Sequence[Episode], scores: Sequence[float], group_ids: Sequence[int],

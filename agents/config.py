@@ -12,9 +12,9 @@ from typing import Any, Sequence
 
 import yaml
 
-from agents.advantages import get_advantage
+from agents.advantages import AdvantageConfig, get_advantage
 from agents.call_errors import CallFailureConfig
-from agents.losses import LOSS_AGG_MODES, validate_kl_placement
+from agents.losses import LOSS_AGGREGATIONS, validate_kl_placement
 from envs.episode import EpisodeConfig
 from rewards.compose import load_reward_fn
 from rewards.cost import make_cost_normalizer
@@ -29,8 +29,8 @@ class ModelConfig:
     # it has no backward) skips the cross-sequence blocks of packed micro-batches (rollout.pack_sequences)
     attn_implementation: str = "auto"
     gradient_checkpointing: bool = False
-    # torch.compile each decoder layer of the actor, critic and reference (1.5B update on an H200: 1.2-1.3x);
-    # skipped under ZeRO-3, where it gained nothing
+    # torch.compile each decoder layer of the actor, critic and reference (faster: bench/README.md, "Update
+    # runs"); skipped under ZeRO-3, where it gained nothing
     compile_layers: bool = False
     critic_init: str = "actor"  # actor: critic trunk starts from the policy's weights (the paper)
 
@@ -88,7 +88,7 @@ class RolloutConfig:
     engine_slots: int = 0  # episodes decoding at once (0: the whole phase of this rank)
     engine_max_len: int = 0  # cache positions per episode (0: longest prompt + response + replies)
     # tokens decoded per device call (one CUDA graph); the next call runs while the env reads the last,
-    # and a row that stops sits out the call in flight (H100, 0.5B and 3B: 8 beat 16 end to end by 5-18%)
+    # and a row that stops sits out the call in flight (8 beat 16 end to end: bench/README.md, "Rollout runs")
     engine_burst: int = 8
     # the decode step's attention: triton (agents/decode_attention.py, over each row's filled length),
     # matmul (two batched matmuls over the bucketed length), auto (triton on a GPU where it runs)
@@ -135,10 +135,7 @@ class KLConfig:
 @dataclass
 class AlgorithmConfig:
     advantage: str = "gae"  # any name registered in agents.advantages
-    gamma: float = 1.0
-    lam: float = 1.0
-    whiten: bool = True
-    grpo_norm_std: bool = True  # False: Dr.GRPO
+    advantage_options: AdvantageConfig = field(default_factory=AdvantageConfig)  # gamma, lam, whiten, ...
     kl: KLConfig = field(default_factory=KLConfig)
     clip_eps: float = 0.2
     dual_clip: float | None = None
@@ -152,12 +149,10 @@ class AlgorithmConfig:
 
     def __post_init__(self):
         get_advantage(self.advantage)  # unknown name: error listing the registered ones
-        _in_range("algorithm.gamma", self.gamma, 0.0, 1.0)
-        _in_range("algorithm.lam", self.lam, 0.0, 1.0)
         _in_range("algorithm.clip_eps", self.clip_eps, 0.0, 1.0)
         if self.dual_clip is not None and self.dual_clip <= 1.0:
             raise ValueError(f"algorithm.dual_clip must be > 1 (or null), got {self.dual_clip}")
-        _one_of("algorithm.loss_agg", self.loss_agg, LOSS_AGG_MODES)
+        _one_of("algorithm.loss_agg", self.loss_agg, tuple(LOSS_AGGREGATIONS))
         _positive("algorithm.ppo_epochs", self.ppo_epochs)
         _positive("algorithm.minibatch_size", self.minibatch_size)
         validate_kl_placement(self.kl.placement, self.kl.estimator, self.advantage)
@@ -243,7 +238,7 @@ class TrainConfig:
         _positive("keep_checkpoints", self.keep_checkpoints)
         if self.reward_fn:
             load_reward_fn(self.reward_fn)  # a bad module:function fails before any model loads
-        if self.algorithm.advantage in ("grpo", "rloo") and self.rollout.n_per_prompt < 2:
+        if get_advantage(self.algorithm.advantage).groups and self.rollout.n_per_prompt < 2:
             raise ValueError(f"algorithm.advantage={self.algorithm.advantage} needs rollout.n_per_prompt >= 2, "
                              f"got {self.rollout.n_per_prompt}")
         if (self.rollout.n_prompts * self.rollout.n_per_prompt) % self.algorithm.minibatch_size:
@@ -313,11 +308,18 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     return value
 
 
+# Keys that moved: using the old place is an error naming the new one.
+MOVED_KEYS = {f"algorithm.{k}": f"algorithm.advantage_options.{k}" for k in ("gamma", "lam", "whiten", "grpo_norm_std")}
+
+
 def from_dict(cls, data: dict, prefix: str = ""):
     """Build dataclass `cls` from `data`; unknown keys and wrong types are errors naming the key."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
+    for key in unknown:
+        if prefix + key in MOVED_KEYS:
+            raise ValueError(f"config key {prefix + key} moved to {MOVED_KEYS[prefix + key]}")
     if unknown:
         raise ValueError(f"unknown config key(s) {[prefix + k for k in unknown]}; "
                          f"allowed under '{prefix or '<top>'}': {sorted(names)}")

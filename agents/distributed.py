@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -20,6 +21,7 @@ from agents.collectives import all_reduce
 from agents.policy import decoder_layers
 
 DEEPSPEED_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "deepspeed"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -224,7 +226,7 @@ def deepspeed_config(name: str, lr: float, weight_decay: float, grad_clip: float
     GPUs, fp32 on CPU. Without an optimizer (the frozen reference) ZeRO-2 is plain data parallel.
     In a single process ZeRO-1/2 has no gradients to communicate, so the stream that overlaps their
     reduction and the contiguous buffer they are copied into are turned off: each only added work
-    (1.5B actor + critic update on an H200: 2.08 -> 2.02 s per step).
+    (bench/README.md, "Update runs").
     """
     path = Path(name) if name.endswith(".json") else DEEPSPEED_CONFIGS / f"{name}.json"
     if not path.exists():
@@ -252,7 +254,7 @@ def deepspeed_config(name: str, lr: float, weight_decay: float, grad_clip: float
 
 def gather_layers_whole(module: nn.Module, config: dict) -> None:
     """Under ZeRO-3, make each decoder layer a leaf module: its parameters are gathered in one call
-    behind one hook, not one per submodule (1.5B update on an H200: 4.09 -> 2.65 s per step)."""
+    behind one hook, not one per submodule, which is faster (bench/README.md, "Update runs")."""
     if config["zero_optimization"]["stage"] == 3:
         from deepspeed.utils import set_z3_leaf_modules
         set_z3_leaf_modules(module, [type(decoder_layers(module)[0])])
@@ -352,6 +354,51 @@ class ZeroEngine:
                                                   load_lr_scheduler_states=True)
         if load_path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}")
+
+
+@dataclass
+class StepEngines:
+    """The engines one optimizer step trains, by name ("actor", "critic"; None: not trained in this
+    step). They keep ZeRO's ranks in step, where every pass is a collective: a rank with fewer
+    micro-batches than another makes idle passes, and a non-finite loss on any rank makes every
+    rank skip the step."""
+
+    engines: dict[str, PlainEngine | ZeroEngine | None]
+    dist: Dist
+    finite: bool = field(default=True, init=False)
+
+    def trains(self, name: str) -> bool:
+        return self.engines.get(name) is not None
+
+    def passes(self, pieces: list) -> Iterator:
+        """This rank's micro-batches; after them, idle passes while another rank still has some."""
+        for piece in lockstep(pieces, self.dist):
+            if piece is not None:
+                yield piece
+                continue
+            for engine in self.engines.values():
+                if engine is not None:
+                    engine.idle_backward()
+
+    def backward(self, name: str, loss: torch.Tensor) -> None:
+        """Backward through engine `name`, even for a non-finite loss: the ranks stay in step, and
+        `step` drops the gradients."""
+        self.finite &= bool(torch.isfinite(loss))
+        self.engines[name].backward(loss)
+
+    def step(self) -> dict[str, float]:
+        """One optimizer step of every engine, or of none when any rank saw a non-finite loss since
+        the last step; each engine's gradient norm (nan when skipped)."""
+        skip = bool(self.dist.all_reduce_max(torch.tensor([0.0 if self.finite else 1.0])).item() > 0)
+        self.finite = True
+        out = {}
+        if skip:
+            log.warning("non-finite loss: skipping this optimizer step on every rank")
+            out["train/skipped_updates"] = 1.0
+        for name, engine in self.engines.items():
+            if engine is not None:
+                out[f"{name}/grad_norm"] = engine.step(skip)
+        return out
 
 
 def make_engine(module: nn.Module, lr: float, weight_decay: float, grad_clip: float, warmup_steps: int,

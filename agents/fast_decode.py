@@ -17,8 +17,8 @@ from agents.fast_model import FastModel
 from agents.rollout import ForcedSchedule, RolloutStats, episode_seed
 from agents.sampling import choose_tokens
 from envs.episode import CALLING, GENERATING, eos_token_ids, token_texts
-from envs.tags import STOP_STRINGS
 from envs.vector import MultiRouteVectorEnv
+from rewards.tags import STOP_STRINGS
 
 log = logging.getLogger("routerl")
 _NEVER = 1 << 40  # a token count no episode reaches

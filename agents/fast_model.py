@@ -188,8 +188,8 @@ class FastModel:
         """Fuse each layer's small operations with torch.compile (GPU): decode once per cache length,
         shared by all layers; prefill once for all row counts, widths and cache lengths (`forward` marks
         them symbolic), the weights' sizes staying constants (with every size symbolic, the elementwise
-        kernels computed their indices from runtime sizes, and a 0.5B phase's prefills took 124 ms of
-        device time instead of 94).
+        kernels computed their indices from runtime sizes, and prefills took longer: bench/README.md,
+        "Rollout runs").
         `autotune`: the decode layer's matmuls are chosen by timing Triton and cuBLAS kernels
         (inductor's max-autotune; slower to compile). `backend`: torch.compile's (tests count graphs)."""
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)  # shapes x buckets

@@ -11,19 +11,34 @@ from torch import Tensor
 # Beyond this log-ratio the estimators saturate: exp(20) ~ 5e8 is far past any useful penalty.
 LOG_RATIO_CLAMP = 20.0
 
+KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {}
 
+
+def register_kl(name: str):
+    """Register `fn(logp, ref_logp) -> per-token estimate` under `name` (config `algorithm.kl.estimator`)."""
+    def deco(fn):
+        if name in KL_ESTIMATORS:
+            raise ValueError(f"KL estimator {name!r} is already registered")
+        KL_ESTIMATORS[name] = fn
+        return fn
+    return deco
+
+
+@register_kl("k1")
 def kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """k1 = x with x = logp - ref_logp: unbiased for KL(pi || ref) under samples of pi, high variance,
     can be negative (Schulman, "Approximating KL divergence", 2020)."""
     return logp - ref_logp
 
 
+@register_kl("k2")
 def kl_k2(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """k2 = x^2 / 2: biased, low variance, always >= 0 (same blog post)."""
     x = logp - ref_logp
     return 0.5 * x * x
 
 
+@register_kl("k3")
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """k3 = exp(-x) - 1 + x = (r - 1) - log r with r = ref/pi: unbiased and always >= 0 (same blog post).
 
@@ -32,9 +47,6 @@ def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """
     x = (logp - ref_logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     return torch.exp(-x) - 1.0 + x
-
-
-KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
 
 
 def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:

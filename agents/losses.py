@@ -1,21 +1,69 @@
-"""Per-token policy (PPO), value and KL losses, their aggregation over an optimizer step, KL placement checks.
+"""Per-token policy (PPO), value and KL losses, their aggregation over an optimizer step, the actor's
+and the critic's objective for one micro-batch, KL placement checks.
 
 Every loss here is per token, (B, T); `agg_loss` alone reduces to a scalar, dividing by a count taken
 over the whole optimizer step (all micro-batches, all ranks) so that how the step is split cannot
-change the result.
+change the result. Nothing here communicates: the one count that spans ranks takes a `reduce`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from agents.advantages import get_advantage
-from agents.collectives import all_reduce
+from agents.advantages import Reduce, get_advantage, local
 from agents.kl import KL_ESTIMATORS, LOG_RATIO_CLAMP, kl_estimate
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 KL_PLACEMENTS = ("reward", "loss", "none")
+
+
+@dataclass(frozen=True)
+class LossAggregation:
+    """A way to reduce a per-token loss over an optimizer step: `numerator(masked_loss, mask)` sums
+    this micro-batch's part, and the step's denominator counts its action tokens (`per="token"`) or
+    its sequences with at least one action token (`per="sequence"`)."""
+
+    name: str
+    numerator: Callable[[Tensor, Tensor], Tensor]
+    per: str
+
+
+LOSS_AGGREGATIONS: dict[str, LossAggregation] = {}
+
+
+def register_loss_agg(name: str, per: str):
+    """Register `numerator(masked_loss (B, T), mask (B, T)) -> scalar` under `name` (`algorithm.loss_agg`)."""
+    if per not in ("token", "sequence"):
+        raise ValueError(f"loss aggregation {name!r}: per={per!r} must be 'token' or 'sequence'")
+
+    def deco(fn):
+        if name in LOSS_AGGREGATIONS:
+            raise ValueError(f"loss aggregation {name!r} is already registered")
+        LOSS_AGGREGATIONS[name] = LossAggregation(name, fn, per)
+        return fn
+    return deco
+
+
+@register_loss_agg("token-mean", per="token")
+def token_mean(masked_loss: Tensor, mask: Tensor) -> Tensor:
+    """sum over the step's action tokens / their count."""
+    return masked_loss.sum(dim=-1).sum()
+
+
+@register_loss_agg("seq-mean-token-mean", per="sequence")
+def seq_mean_token_mean(masked_loss: Tensor, mask: Tensor) -> Tensor:
+    """sum_i [sum_t loss_i,t / n_i] / sequences in the step (a sequence with no action token adds 0)."""
+    return (masked_loss.sum(dim=-1) / mask.sum(dim=-1).clamp(min=1.0)).sum()
+
+
+@register_loss_agg("seq-mean-token-sum", per="sequence")
+def seq_mean_token_sum(masked_loss: Tensor, mask: Tensor) -> Tensor:
+    """sum_i sum_t loss_i,t / sequences in the step."""
+    return masked_loss.sum(dim=-1).sum()
+
 
 
 def policy_loss(
@@ -68,18 +116,15 @@ def kl_loss(logp: Tensor, ref_logp: Tensor, kind: str) -> Tensor:
     return kl_estimate(logp, ref_logp, kind)
 
 
-def _check_mode(mode: str) -> None:
-    if mode not in LOSS_AGG_MODES:
-        raise ValueError(f"unknown loss aggregation mode {mode!r}; known: {', '.join(LOSS_AGG_MODES)}")
+def _aggregation(mode: str) -> LossAggregation:
+    if mode not in LOSS_AGGREGATIONS:
+        raise ValueError(f"unknown loss aggregation mode {mode!r}; known: {', '.join(LOSS_AGGREGATIONS)}")
+    return LOSS_AGGREGATIONS[mode]
 
 
 def agg_loss(loss: Tensor, mask: Tensor, mode: str, denominator: float) -> Tensor:
-    """Reduce a per-token loss (B, T) to a scalar; `denominator` comes from `step_denominator`.
-
-    token-mean:          sum(loss * mask) / denominator (action tokens in the step)
-    seq-mean-token-mean: sum_i [sum_t(loss * mask)_i / n_i] / denominator (sequences in the step)
-    seq-mean-token-sum:  sum_i sum_t(loss * mask)_i / denominator (sequences in the step)
-    where n_i is sequence i's action-token count; a sequence with no action token contributes 0.
+    """Reduce a per-token loss (B, T) to a scalar: the mode's numerator over `denominator`, which
+    comes from `step_denominator` (see the registered modes above).
 
     Because the denominator counts the whole optimizer step, summing this over the step's
     micro-batches and ranks gives the full-batch loss exactly. DeepSpeed and DDP instead *average*
@@ -87,40 +132,70 @@ def agg_loss(loss: Tensor, mask: Tensor, mode: str, denominator: float) -> Tenso
     (grad_accum_steps * world_size) before backward when the engine divides by them; then the
     effective loss does not depend on how the step is split.
     """
-    _check_mode(mode)
+    agg = _aggregation(mode)
     if loss.shape != mask.shape:
         raise ValueError(f"loss shape {tuple(loss.shape)} != mask shape {tuple(mask.shape)}")
     if not denominator > 0:
         raise ValueError(f"denominator must be > 0, got {denominator!r} (use step_denominator)")
     mask = mask.to(loss.dtype)
-    per_seq_sum = (loss * mask).sum(dim=-1)  # (B,)
-    if mode == "token-mean":
-        return per_seq_sum.sum() / denominator
-    if mode == "seq-mean-token-mean":
-        n_tokens = mask.sum(dim=-1)
-        per_seq_mean = per_seq_sum / n_tokens.clamp(min=1.0)  # a sequence with no action token has sum 0
-        return per_seq_mean.sum() / denominator
-    return per_seq_sum.sum() / denominator
+    return agg.numerator(loss * mask, mask) / denominator
 
 
-def step_denominator(masks: list[Tensor], mode: str) -> float:
+def step_denominator(masks: list[Tensor], mode: str, reduce: Reduce = local) -> float:
     """The `agg_loss` denominator for one optimizer step made of these micro-batch masks (each (b, T)).
 
     token-mean counts action tokens; the seq-mean-* modes count sequences with at least one action
-    token. When torch.distributed is initialized the count is summed over ranks, so every rank must
-    call this with its own micro-batches of the same step.
+    token. `reduce` sums the count over data-parallel ranks, so every rank must call this with its own
+    micro-batches of the same step.
     """
-    _check_mode(mode)
+    agg = _aggregation(mode)
     if len(masks) == 0:
         raise ValueError("step_denominator needs the masks of at least one micro-batch")
-    if mode == "token-mean":
+    if agg.per == "token":
         count = sum(m.to(torch.float64).sum() for m in masks)
     else:
         count = sum((m.to(torch.float64).sum(dim=-1) > 0).to(torch.float64).sum() for m in masks)
-    total = float(all_reduce(count.reshape(1), "sum").item())
+    total = float(reduce(count.reshape(1)).item())
     if total <= 0:
         raise ValueError(f"no action tokens in this optimizer step (mode {mode!r}): nothing to train on")
     return total
+
+
+def actor_objective(
+    logp: Tensor, entropy: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, ref_logp: Tensor | None, *,
+    mode: str, denominator: float, clip_eps: float, dual_clip: float | None, entropy_coef: float,
+    kl_coef: float, kl_estimator: str,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The actor's loss on one micro-batch and its statistics; every argument tensor is (B, T).
+
+        L = agg(PPO clipped surrogate) - entropy_coef * agg(entropy) [+ kl_coef * agg(KL(pi || ref))]
+
+    with the KL term only when `ref_logp` is given (KL placed in the loss). Statistics, per action
+    token: the surrogate (aggregated like the loss), the entropy, the clipped fraction, and
+    KL(old || new) by Schulman's k3 estimator, as cleanrl reports it.
+    """
+    pg, clipped = policy_loss(logp, old_logp, advantages, clip_eps, dual_clip)
+    loss = agg_loss(pg, mask, mode, denominator)
+    loss = loss - entropy_coef * agg_loss(entropy, mask, mode, denominator)
+    if ref_logp is not None:
+        loss = loss + kl_coef * agg_loss(kl_loss(logp, ref_logp, kl_estimator), mask, mode, denominator)
+    with torch.no_grad():
+        log_ratio = (logp - old_logp) * mask
+        n_act = mask.sum().clamp(min=1)
+        stats = {"actor/pg_loss": agg_loss(pg, mask, mode, denominator),
+                 "actor/entropy": (entropy * mask).sum() / n_act,
+                 "actor/clip_frac": (clipped * mask).sum() / n_act,
+                 "actor/approx_kl": ((log_ratio.exp() - 1) - log_ratio).mul(mask).sum() / n_act}
+    return loss, stats
+
+
+def critic_objective(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *,
+    mode: str, denominator: float, value_clip: float | None, vf_coef: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The critic's loss on one micro-batch, vf_coef * agg(clipped value loss), and its statistics."""
+    loss = vf_coef * agg_loss(value_loss(values, old_values, returns, value_clip), mask, mode, denominator)
+    return loss, {"critic/value_loss": loss.detach()}
 
 
 def validate_kl_placement(placement: str, estimator_kind: str, advantage_name: str) -> None:

@@ -19,24 +19,68 @@ import torch
 import yaml
 
 from agents import fast_decode, fast_model
-from agents.advantages import AdvantageConfig, AdvantageInput, get_advantage, grpo_group_ids, repeat_for_group
+from agents.advantages import AdvantageInput, get_advantage, grpo_group_ids, repeat_for_group
 from agents.batch import RolloutBatch, build_batch, micro_batch_rows, micro_batches
 from agents.call_errors import CallFailureMonitor, call_failure_metrics, first_error
 from agents.config import TrainConfig, redacted
-from agents.distributed import (Dist, PlainEngine, ZeroEngine, broadcast_module, idle_forward, lockstep,
-                                make_engine, wrap_reference)
+from agents.distributed import (
+    Dist,
+    PlainEngine,
+    StepEngines,
+    ZeroEngine,
+    broadcast_module,
+    idle_forward,
+    lockstep,
+    make_engine,
+    per_rank,
+    wrap_reference,
+)
 from agents.kl import AdaptiveKLController, FixedKLController, kl_estimate
-from agents.losses import agg_loss, kl_loss, policy_loss, step_denominator, value_loss
-from agents.policy import (build_critic, build_reference, chunked_sequence_logprobs, compile_layers,
-                           sequence_logprobs, sequence_values)
+from agents.losses import actor_objective, critic_objective, step_denominator
+from agents.policy import (
+    build_critic,
+    build_reference,
+    chunked_sequence_logprobs,
+    compile_layers,
+    sequence_logprobs,
+    sequence_values,
+)
 from agents.rollout import ForcedSchedule, run_rollouts
-from envs.data import write_atomic
-from envs.env import episode_prompts
+from envs.atomic import write_atomic
+from envs.episode import episode_prompts
 from envs.vector import MultiRouteVectorEnv
 from rewards import make_cost_normalizer
 from rewards.compose import load_reward_fn
 
 log = logging.getLogger("routerl")
+
+
+class Means:
+    """Running means of named statistics, each over the times it was added."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            value = float(value.detach() if torch.is_tensor(value) else value)
+            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / self.counts[k] for k in self.sums}
+
+
+def explained_variance(batch: RolloutBatch) -> dict[str, float]:
+    """1 - Var(returns - values) / Var(returns) over action tokens (nan when returns do not vary);
+    nothing without a critic."""
+    if batch.values is None:
+        return {}
+    m = batch.action_mask.bool()
+    y, v = batch.returns[m], batch.values[m]
+    var_y = float(y.var()) if y.numel() > 1 else 0.0
+    return {"critic/explained_variance": 1.0 - float((y - v).var()) / var_y if var_y > 0 else float("nan")}
 
 
 # ---------------------------------------------------------------- data order
@@ -102,8 +146,7 @@ class Trainer:
         self.cfg, self.task, self.tokenizer, self.dist, self.run_dir = cfg, task, tokenizer, dist_, run_dir
         alg = cfg.algorithm
         self.estimator = get_advantage(alg.advantage)
-        self.adv_cfg = AdvantageConfig(gamma=alg.gamma, lam=alg.lam, whiten=alg.whiten,
-                                       grpo_norm_std=alg.grpo_norm_std)
+        self.adv_cfg = alg.advantage_options
         broadcast_module(actor, dist_)  # critic and reference start from rank 0's actor on every rank
         critic = build_critic(actor, cfg.model.critic_init) if self.estimator.needs_critic else None
         ref = build_reference(actor) if alg.kl.placement != "none" and alg.kl.coef > 0 else None
@@ -248,88 +291,52 @@ class Trainer:
             if kl_cfg.placement == "reward":
                 batch.token_rewards = batch.token_rewards - self.kl_ctl.value * kl
             self.kl_ctl.update(mean_kl, len(batch))
-        data = AdvantageInput(batch.token_rewards, mask, batch.values, batch.group_ids)
+        data = AdvantageInput(batch.token_rewards, mask, batch.values, batch.group_ids, self.dist.all_reduce_sum)
         batch.advantages, batch.returns = self.estimator.fn(data, self.adv_cfg)
         return metrics
 
     def update(self, batch: RolloutBatch) -> dict[str, float]:
-        """`ppo_epochs` passes of shuffled minibatches; one optimizer step per minibatch."""
-        cfg, alg = self.cfg, self.cfg.algorithm
-        mode, device = alg.loss_agg, self.dist.device
-        per_rank_mb = alg.minibatch_size // self.dist.world_size
-        if per_rank_mb < 1 or alg.minibatch_size % self.dist.world_size:
-            raise ValueError(f"algorithm.minibatch_size={alg.minibatch_size} must be divisible by the world size")
-        train_actor = self.step >= alg.critic_warmup_steps
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
-
-        def add(key, value):
-            sums[key] = sums.get(key, 0.0) + float(value.detach() if torch.is_tensor(value) else value)
-            counts[key] = counts.get(key, 0) + 1
-
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step)
+        """`ppo_epochs` passes over shuffled minibatches; one optimizer step per minibatch."""
+        alg = self.cfg.algorithm
+        size = per_rank("algorithm.minibatch_size", alg.minibatch_size, self.dist.world_size)
+        train_actor = self.step >= alg.critic_warmup_steps  # the critic alone during its warm-up
+        engines = StepEngines({"actor": self.m.actor_engine if train_actor else None,
+                               "critic": self.m.critic_engine}, self.dist)
+        stats = Means()
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
         for _ in range(alg.ppo_epochs):
             order = torch.randperm(len(batch), generator=g)
-            for start in range(0, len(batch), per_rank_mb):
-                pieces = micro_batches(batch.select(order[start:start + per_rank_mb]), cfg.rollout.micro_batch_tokens,
-                                       cfg.rollout.pack_sequences)
-                denom = step_denominator([p.action_mask for p in pieces], mode)  # global over ranks
-                finite = True
-                for p in lockstep(pieces, self.dist):
-                    if p is None:  # another rank has more micro-batches: pass along without data
-                        for engine in (self.m.actor_engine if train_actor else None, self.m.critic_engine):
-                            if engine is not None:
-                                engine.idle_backward()
-                        continue
-                    p = p.to(device)
-                    args = (p.input_ids, p.attention_mask, p.position_ids)
-                    mask = p.action_mask
-                    if train_actor:
-                        logp, ent = self.logprobs(self.m.actor, *args, temperature=cfg.rollout.temperature or 1.0,
-                                                      with_entropy=True)
-                        pg, clipped = policy_loss(logp, p.old_logprobs, p.advantages, alg.clip_eps, alg.dual_clip)
-                        loss = agg_loss(pg, mask, mode, denom)
-                        entropy = agg_loss(ent, mask, mode, denom)
-                        loss = loss - alg.entropy_coef * entropy
-                        if alg.kl.placement == "loss" and p.ref_logprobs is not None:
-                            loss = loss + self.kl_ctl.value * agg_loss(kl_loss(logp, p.ref_logprobs, alg.kl.estimator),
-                                                                       mask, mode, denom)
-                        finite &= bool(torch.isfinite(loss))
-                        # backward even when non-finite: ranks stay in step (ZeRO's passes are collective)
-                        # and the skipped step drops these gradients
-                        self.m.actor_engine.backward(loss)
-                        with torch.no_grad():
-                            log_ratio = (logp - p.old_logprobs) * mask
-                            n_act = mask.sum().clamp(min=1)
-                            add("actor/pg_loss", agg_loss(pg, mask, mode, denom))
-                            add("actor/entropy", (ent * mask).sum() / n_act)
-                            add("actor/clip_frac", (clipped * mask).sum() / n_act)
-                            # approx KL(old || new), Schulman's k3 estimator as in cleanrl
-                            add("actor/approx_kl", ((log_ratio.exp() - 1) - log_ratio).mul(mask).sum() / n_act)
-                    if self.m.critic is not None:
-                        v = self.values(self.m.critic, *args)
-                        vl = value_loss(v, p.values, p.returns, alg.value_clip)
-                        closs = alg.vf_coef * agg_loss(vl, mask, mode, denom)
-                        finite &= bool(torch.isfinite(closs))
-                        self.m.critic_engine.backward(closs)
-                        add("critic/value_loss", closs)
-                # a NaN/inf anywhere skips this update on every rank
-                bad = self.dist.all_reduce_max(torch.tensor([0.0 if finite else 1.0]))
-                skip = bool(bad.item() > 0)
-                if skip:
-                    log.warning("step %d: non-finite loss, skipping this optimizer step on every rank", self.step)
-                    add("train/skipped_updates", 1.0)
-                if train_actor:
-                    add("actor/grad_norm", self.m.actor_engine.step(skip))
-                if self.m.critic_engine is not None:
-                    add("critic/grad_norm", self.m.critic_engine.step(skip))
-        out = {k: sums[k] / counts[k] for k in sums}
-        if batch.values is not None:
-            m = batch.action_mask.bool()
-            y, v = batch.returns[m], batch.values[m]
-            var_y = float(y.var()) if y.numel() > 1 else 0.0
-            out["critic/explained_variance"] = 1.0 - float((y - v).var()) / var_y if var_y > 0 else float("nan")
-        return out
+            for start in range(0, len(batch), size):
+                self.optimizer_step(batch.select(order[start:start + size]), engines, stats)
+        return {**stats.means(), **explained_variance(batch)}
+
+    def optimizer_step(self, minibatch: RolloutBatch, engines: StepEngines, stats: Means) -> None:
+        """A backward pass per micro-batch of `minibatch`, then one step of every trained engine."""
+        cfg, alg = self.cfg, self.cfg.algorithm
+        pieces = micro_batches(minibatch, cfg.rollout.micro_batch_tokens, cfg.rollout.pack_sequences)
+        shared = {"mode": alg.loss_agg,  # one count over the whole step: micro-batches and ranks
+                  "denominator": step_denominator([p.action_mask for p in pieces], alg.loss_agg,
+                                                  self.dist.all_reduce_sum)}
+        for p in engines.passes(pieces):
+            p = p.to(self.dist.device)
+            args = (p.input_ids, p.attention_mask, p.position_ids)
+            if engines.trains("actor"):
+                logp, entropy = self.logprobs(self.m.actor, *args, temperature=cfg.rollout.temperature or 1.0,
+                                              with_entropy=True)
+                ref = p.ref_logprobs if alg.kl.placement == "loss" else None
+                loss, actor_stats = actor_objective(
+                    logp, entropy, p.old_logprobs, p.advantages, p.action_mask, ref, **shared,
+                    clip_eps=alg.clip_eps, dual_clip=alg.dual_clip, entropy_coef=alg.entropy_coef,
+                    kl_coef=self.kl_ctl.value, kl_estimator=alg.kl.estimator)
+                engines.backward("actor", loss)
+                stats.add(actor_stats)
+            if engines.trains("critic"):
+                values = self.values(self.m.critic, *args)
+                loss, critic_stats = critic_objective(values, p.values, p.returns, p.action_mask, **shared,
+                                                      value_clip=alg.value_clip, vf_coef=alg.vf_coef)
+                engines.backward("critic", loss)
+                stats.add(critic_stats)
+        stats.add(engines.step())
 
     def train_step(self) -> tuple[dict[str, float], list[dict]]:
         t0 = time.perf_counter()

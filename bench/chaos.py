@@ -23,11 +23,11 @@ from collections import Counter
 from pathlib import Path
 
 from agents.call_errors import error_kind
+from envs.atomic import write_atomic
 from envs.candidates.fault_server import FAULTS, serve_openai
 from envs.candidates.openai import OpenAIBackend
 from envs.candidates.pool import CandidatePool
 from envs.candidates.spec import CandidateSpec, RequestConfig
-from envs.data import write_atomic
 
 KEY_ENV = "CHAOS_BENCH_KEY"
 KEY = "sk-chaos-bench-0123456789abcdef"
@@ -36,20 +36,6 @@ CLIENT = {"api_key_env": KEY_ENV, "timeout_s": 1.0, "max_retries": 1, "backoff_b
 SERVER = {"api_key": KEY, "hang_s": 2.0, "retry_after": "0"}
 MAX_TOKENS = 64
 SPECS = [CandidateSpec("Small", "small", 1, 0.1), CandidateSpec("Large", "large", 70, 1.0)]
-
-
-class Ledger:
-    """Every record a pool returns (wrapped around its `_call`)."""
-
-    def __init__(self, pool: CandidatePool):
-        self.records = []
-        call = pool._call
-
-        async def recorded(*args):
-            record = await call(*args)
-            self.records.append(record)
-            return record
-        pool._call = recorded
 
 
 def outcome(records: list, requests: int, wall_s: float) -> dict:
@@ -68,11 +54,12 @@ def outcome(records: list, requests: int, wall_s: float) -> dict:
 def one_fault(fault: str | None, n_calls: int) -> dict:
     with serve_openai(mix={fault: 1.0} if fault else None, **SERVER) as server:
         pool = CandidatePool(SPECS, OpenAIBackend(server.base_url, **CLIENT), RequestConfig(max_tokens=MAX_TOKENS))
-        ledger = Ledger(pool)
+        records = []
+        pool.on_record(records.append)
         start = time.monotonic()
         pool.call_many([(SPECS[i % 2].name, f"question {i}", "") for i in range(n_calls)])
         pool.close()
-        return outcome(ledger.records, server.requests, time.monotonic() - start)
+        return outcome(records, server.requests, time.monotonic() - start)
 
 
 def key_in_files(root: Path) -> bool:
@@ -97,13 +84,14 @@ def mixed_training(steps: int, run_dir: Path) -> dict:
             world, profiles[model], messages[-1]["content"]), **SERVER) as server:
         task.pool = CandidatePool(task.pool.specs, OpenAIBackend(server.base_url, **CLIENT),
                                   RequestConfig(template="{query}", max_tokens=MAX_TOKENS))
-        ledger = Ledger(task.pool)
+        records = []
+        task.pool.on_record(records.append)
         start = time.monotonic()
         try:
             train.train(cfg, task, init_distributed("cpu"), run_dir, resume=False)
         finally:
             task.pool.close()
-        row = outcome(ledger.records, server.requests, time.monotonic() - start)
+        row = outcome(records, server.requests, time.monotonic() - start)
     logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     row["train_call_error_rate"] = [round(m["train/call_error_rate"], 3) for m in logged if "train/call_error_rate" in m]
     row["key_leaked"] = row["key_leaked"] or key_in_files(run_dir)
@@ -126,12 +114,12 @@ def mixed_evaluation(n_questions: int, out: Path) -> dict:
             "request": {"max_tokens": MAX_TOKENS}}))
         config.write_text(json.dumps({"task": "qa", "pool": str(pool_file), "test_files": [{"path": str(questions)}],
                                       "outcome_matrix": False, "routers": {"answer_mode": "reply"}}))
-        ledgers = []
+        records = []
         init = CandidatePool.__init__
 
-        def recording_init(self, *a, **k):  # the ledger of the pool evaluate.py builds
+        def recording_init(self, *a, **k):  # audit the ledger of the pool evaluate.py builds
             init(self, *a, **k)
-            ledgers.append(Ledger(self))
+            self.on_record(records.append)
         CandidatePool.__init__ = recording_init
         start = time.monotonic()
         try:
@@ -139,7 +127,7 @@ def mixed_evaluation(n_questions: int, out: Path) -> dict:
                                     "--out", str(out / "eval")])
         finally:
             CandidatePool.__init__ = init
-        row = outcome(ledgers[0].records, server.requests, time.monotonic() - start)
+        row = outcome(records, server.requests, time.monotonic() - start)
     reported = sum(r["metrics"]["call_error_rate"] * r["metrics"]["calls"] for r in result["rows"])
     assert round(reported) == row["failed"], (reported, row["failed"])  # the table counts every failed call
     row["call_error_rate"] = {r["router"]: round(r["metrics"]["call_error_rate"], 3) for r in result["rows"]}

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
+from envs.atomic import write_atomic
 from envs.bpe import byte_level_bpe
-from envs.data import write_atomic
 
 RESULTS = Path(__file__).parent / "results"
 

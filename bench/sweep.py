@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from envs.atomic import write_atomic
 from rewards.metrics import aiq
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,9 +147,8 @@ def plot(path: Path, curve_points: dict[str, list]) -> None:
     ax.set_ylabel("held-out EM")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path.with_suffix(".tmp.png"), dpi=110)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    path.with_suffix(".tmp.png").replace(path)
 
 
 def main(argv=None) -> dict:
@@ -184,8 +184,7 @@ def main(argv=None) -> dict:
               "aiq": aiqs, "cost_range": cost_range}
     stem = "estimators" if len(estimators) > 1 else "sweep"
     for name, body in ((f"{stem}.json", json.dumps(result, indent=2)), (f"{stem}.md", text)):
-        (out / f"{name}.tmp").write_text(body)
-        (out / f"{name}.tmp").replace(out / name)
+        write_atomic(out / name, lambda tmp, body=body: Path(tmp).write_text(body))
     print(text)
     return result
 

@@ -1,5 +1,6 @@
-"""The environment: MultiRouteEnv (gymnasium), its batched form, tags, prompts, candidates, data and
-the offline RouteWorld task. Heavy modules load on first use, so `import envs.tags` stays light."""
+"""The environment: MultiRouteEnv (gymnasium), its batched form, prompts, candidates, data and the
+offline RouteWorld task (the tag grammar is rewards/tags.py). Heavy modules load on first use, so
+`import envs.prompts` stays light."""
 
 import importlib
 

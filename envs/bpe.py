@@ -7,7 +7,7 @@ from typing import Iterable, Sequence
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from envs.tags import TAGS, close_tag, open_tag
+from rewards.tags import TAGS, close_tag, open_tag
 
 PAD, EOS = "<|pad|>", "<|endoftext|>"
 TAG_STRINGS = tuple(s for t in TAGS for s in (open_tag(t), close_tag(t)))

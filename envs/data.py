@@ -8,14 +8,14 @@ import hashlib
 import json
 import logging
 import math
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
+
+from envs.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -206,23 +206,6 @@ def load_qa(cfg: QADataConfig) -> list[QAExample]:
         log.warning("%s: skipped %d of %d rows: %s%s", report.source, report.n_skipped, report.rows_read,
                     shown, " ..." if report.n_skipped > 5 else "")
     return examples
-
-
-def write_atomic(path: str | Path, write: Callable[[str], None]) -> Path:
-    """`write(tmp)` into a temp file beside `path`, then rename it over `path`: a crash leaves the old
-    file (or none), never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def write_jsonl(path: str | Path, rows: Iterable[Mapping]) -> None:

@@ -9,38 +9,9 @@ import numpy as np
 from gymnasium import spaces
 
 from envs.candidates.pool import CandidatePool
-from envs.episode import DONE, Episode, EpisodeConfig, RewardFn, eos_token_ids, resolve_calls
-from envs.prompts import build_prompt, prompt_token_ids
+from envs.episode import DONE, Episode, EpisodeConfig, RewardFn, eos_token_ids, make_episodes, resolve_calls
 from rewards import compute_reward
 from rewards.cost import CostNormalizer
-
-
-def make_episodes(examples: Sequence[Any], tokenizer, pool: CandidatePool, cfg: EpisodeConfig,
-                  eos_ids: frozenset[int]) -> list[Episode]:
-    """Start an episode per example (a mapping or object with `question` and `golden_answers`);
-    the prompts are tokenized in one batched call."""
-    questions, goldens = [], []
-    for i, example in enumerate(examples):
-        get = example.get if isinstance(example, dict) else lambda k: getattr(example, k, None)
-        question, golden = get("question"), get("golden_answers")
-        if isinstance(golden, str):
-            golden = [golden]
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError(f"example {i} needs a non-empty 'question' string, got {question!r}")
-        if not golden or not all(isinstance(g, str) for g in golden):
-            raise ValueError(f"example {i} needs a non-empty list of 'golden_answers' strings, got {golden!r}")
-        questions.append(question), goldens.append(list(golden))
-    return [Episode(q, g, ids, tokenizer, pool.names, cfg, eos_ids)
-            for q, g, ids in zip(questions, goldens, episode_prompts(questions, tokenizer, pool, cfg))]
-
-
-def episode_prompts(questions: Sequence[str], tokenizer, pool: CandidatePool, cfg: EpisodeConfig) -> list[list[int]]:
-    """The prompt ids an episode of each question starts from, tokenized in one batched call that
-    sees each distinct question once (GRPO repeats every question for its group)."""
-    unique = list(dict.fromkeys(questions))
-    ids = prompt_token_ids(tokenizer, [build_prompt(q, pool.specs, cfg.prompt_template, cfg.max_turns) for q in unique])
-    by_question = dict(zip(unique, ids))
-    return [list(by_question[q]) for q in questions]
 
 
 class MultiRouteEnv(gym.Env):

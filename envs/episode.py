@@ -7,15 +7,16 @@ from __future__ import annotations
 import weakref
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from tokenizers.decoders import DecodeStream
 
 from envs.candidates.pool import CandidatePool
 from envs.candidates.spec import CallRecord
-from envs.tags import ANSWER, SEARCH, Call, TagScanner, escape_info, info_block, parse_call
+from envs.prompts import build_prompt, prompt_token_ids
 from rewards import RewardBreakdown, compute_reward
 from rewards.cost import CostNormalizer
+from rewards.tags import ANSWER, SEARCH, Call, TagScanner, escape_info, info_block, parse_call
 
 RewardFn = Callable[..., RewardBreakdown]  # compute_reward's signature
 
@@ -214,11 +215,6 @@ class Episode:
         self.state, self.end_reason = DONE, reason
         return DONE
 
-    def insert_reply(self, record: CallRecord | None) -> list[int]:
-        """Insert `<info> reply </info>` for the pending search (the reply escaped and truncated;
-        a failed call inserts its error) and return the inserted token ids."""
-        return insert_replies([self], [record])[0]
-
     def score(self, cost_normalizer: CostNormalizer | None = None,
               reward_fn: RewardFn = compute_reward) -> RewardBreakdown:
         """The episode's reward (pure: the normalizer is only read)."""
@@ -244,12 +240,42 @@ class Episode:
         }
 
 
+def make_episodes(examples: Sequence[Any], tokenizer, pool: CandidatePool, cfg: EpisodeConfig,
+                  eos_ids: frozenset[int]) -> list[Episode]:
+    """Start an episode per example (a mapping or object with `question` and `golden_answers`);
+    the prompts are tokenized in one batched call."""
+    questions, goldens = [], []
+    for i, example in enumerate(examples):
+        get = example.get if isinstance(example, dict) else lambda k: getattr(example, k, None)
+        question, golden = get("question"), get("golden_answers")
+        if isinstance(golden, str):
+            golden = [golden]
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError(f"example {i} needs a non-empty 'question' string, got {question!r}")
+        if not golden or not all(isinstance(g, str) for g in golden):
+            raise ValueError(f"example {i} needs a non-empty list of 'golden_answers' strings, got {golden!r}")
+        questions.append(question), goldens.append(list(golden))
+    return [Episode(q, g, ids, tokenizer, pool.names, cfg, eos_ids)
+            for q, g, ids in zip(questions, goldens, episode_prompts(questions, tokenizer, pool, cfg))]
+
+
+def episode_prompts(questions: Sequence[str], tokenizer, pool: CandidatePool, cfg: EpisodeConfig) -> list[list[int]]:
+    """The prompt ids an episode of each question starts from, tokenized in one batched call that
+    sees each distinct question once (GRPO repeats every question for its group)."""
+    unique = list(dict.fromkeys(questions))
+    ids = prompt_token_ids(tokenizer, [build_prompt(q, pool.specs, cfg.prompt_template, cfg.max_turns) for q in unique])
+    by_question = dict(zip(unique, ids))
+    return [list(by_question[q]) for q in questions]
+
+
 def insert_replies(episodes: Sequence[Episode], records: Sequence[CallRecord | None]) -> list[list[int]]:
-    """`insert_reply` for several CALLING episodes (one tokenizer): the replies are tokenized in two
-    batched calls, to truncate them and then to write the blocks, rather than two calls each."""
+    """Insert `<info> reply </info>` for the pending search of each CALLING episode (the reply escaped
+    and truncated; a failed call inserts its error) and return the inserted token ids by episode. The
+    episodes share one tokenizer: the replies are tokenized in two batched calls, to truncate them and
+    then to write the blocks, rather than two calls each."""
     for e in episodes:
         if e.state != CALLING:
-            raise RuntimeError(f"insert_reply() while the episode is {e.state}")
+            raise RuntimeError(f"insert_replies() while the episode is {e.state}")
     if not episodes:
         return []
     tokenizer = episodes[0].tokenizer

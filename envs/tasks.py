@@ -31,7 +31,7 @@ def make_routeworld_task(world_overrides: dict, n_test: int, max_turns: int, pro
     import dataclasses
     from envs.routeworld import (WorldConfig, easy_world_config, extract_reply_answer, make_world,
                                  make_world_tokenizer, routeworld_pool, scripted_turn)
-    from envs.routeworld.script import answer_chunk, call_chunk
+    from envs.chunks import answer_chunk, call_chunk
     base = easy_world_config() if preset == "easy" else WorldConfig()
     world = make_world(dataclasses.replace(base, **world_overrides))
     pool = routeworld_pool(world)

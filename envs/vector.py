@@ -4,24 +4,13 @@ concurrently. It is the batched face of the same episode state machine as MultiR
 from __future__ import annotations
 
 import concurrent.futures
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 from envs.candidates.pool import CandidatePool
-from envs.env import make_episodes
-from envs.episode import CALLING, DONE, Episode, EpisodeConfig, RewardFn, eos_token_ids, insert_replies, submit_calls
+from envs.episode import (CALLING, Episode, EpisodeConfig, RewardFn, eos_token_ids, insert_replies,
+                          make_episodes, submit_calls)
 from rewards import RewardBreakdown, compute_reward
 from rewards.cost import CostNormalizer
-
-
-@dataclass
-class ChunkResult:
-    """What one episode did with its chunk: how many of the tokens it consumed (it stops at the
-    first closing `</search>`/`</answer>`, EOS or limit), the ids the env inserted, and whether it ended."""
-
-    consumed: int
-    inserted_ids: list[int]
-    done: bool
 
 
 class MultiRouteVectorEnv:
@@ -86,12 +75,6 @@ class MultiRouteVectorEnv:
         calls = [self._calls.pop(i) for i in done]
         inserted = insert_replies([self.episodes[i] for i in done], [f.result() if f else None for f in calls])
         return dict(zip(done, inserted))
-
-    def step_chunks(self, chunks: dict[int, Sequence[int]]) -> dict[int, ChunkResult]:
-        """Feed each listed episode its chunk of sampled tokens, then make all resulting calls at once."""
-        consumed = {i: self.episodes[i].push_many(chunk) for i, chunk in chunks.items()}
-        inserted = self.resolve()
-        return {i: ChunkResult(consumed[i], inserted.get(i, []), self.episodes[i].state == DONE) for i in chunks}
 
     def finish(self, cost_normalizer: CostNormalizer | None = None) -> list[tuple[RewardBreakdown, dict]]:
         """Score every episode (all must have ended) with the given, already-updated normalizer."""

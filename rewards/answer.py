@@ -7,7 +7,7 @@ import string
 from collections import Counter
 from typing import Sequence
 
-from envs.tags import ANSWER, close_tag, open_tag
+from rewards.tags import ANSWER, close_tag, open_tag
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans("", "", string.punctuation)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from envs.tags import ANSWER, INFO, SEARCH, THINK, TagError, close_tag, open_tag, parse_call, split_blocks
+from rewards.tags import ANSWER, INFO, SEARCH, THINK, TagError, close_tag, open_tag, parse_call, split_blocks
 
 FORMAT_PENALTY = -1.0
 

@@ -14,6 +14,7 @@ only, records whether any weight moved, then runs the clean update and writes as
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -30,6 +31,14 @@ from agents.losses import agg_loss, policy_loss, step_denominator, value_loss  #
 from agents.policy import build_actor  # noqa: E402
 from agents.trainer import Trainer  # noqa: E402
 from envs.tasks import make_task  # noqa: E402
+
+
+def save_batch(batch: RolloutBatch, path: Path) -> None:
+    torch.save(dataclasses.asdict(batch), path)
+
+
+def load_batch(path: Path) -> RolloutBatch:
+    return RolloutBatch(**torch.load(path, weights_only=True))
 
 
 def shard(batch: RolloutBatch, rank: int, world_size: int) -> RolloutBatch:
@@ -55,9 +64,9 @@ def update(out: Path, batch_path: Path, overrides: list[str], nan_first: bool) -
     if not batch_path.exists():
         if d.world_size != 1:
             raise FileNotFoundError(f"{batch_path}: the batch is sampled by a 1-process run first")
-        trainer.rollout()[0].save(batch_path)
+        save_batch(trainer.rollout()[0], batch_path)
     result: dict = {}
-    mine = shard(RolloutBatch.load(batch_path), d.rank, d.world_size)
+    mine = shard(load_batch(batch_path), d.rank, d.world_size)
     if nan_first:
         before = trainer.m.actor_engine.full_state_dict()
         bad = prepare(trainer, mine)
@@ -69,7 +78,7 @@ def update(out: Path, batch_path: Path, overrides: list[str], nan_first: bool) -
             result["skipped"] = skipped
             result["moved"] = any(not torch.equal(before[k], after[k]) for k in before)
     batch = prepare(trainer, mine)
-    denom = step_denominator([batch.action_mask], cfg.algorithm.loss_agg)
+    denom = step_denominator([batch.action_mask], cfg.algorithm.loss_agg, d.all_reduce_sum)
     mode, alg = cfg.algorithm.loss_agg, cfg.algorithm
     mask = batch.action_mask
     pg = policy_loss(batch.old_logprobs, batch.old_logprobs, batch.advantages)[0]

@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from agents import advantages
+from agents.collectives import all_reduce
 from agents.advantages import (
     AdvantageConfig,
     AdvantageInput,
@@ -152,7 +153,8 @@ def _whiten_on_rank(rank, world, tmp_dir, x, mask):
     dist.init_process_group("gloo", init_method=f"file://{tmp_dir}/init", rank=rank, world_size=world)
     try:
         rows = slice(rank, None, world)  # rank r holds rows r, r + world, ...: unequal token counts
-        torch.save(masked_whiten(x[rows], mask[rows], eps=1e-6), f"{tmp_dir}/out{rank}.pt")
+        out = masked_whiten(x[rows], mask[rows], eps=1e-6, reduce=lambda t: all_reduce(t, "sum"))
+        torch.save(out, f"{tmp_dir}/out{rank}.pt")
     finally:
         dist.destroy_process_group()
 

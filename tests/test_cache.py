@@ -9,9 +9,9 @@ import pytest
 from envs.candidates.fault_server import closed_port_url, serve_openai
 
 from envs.candidates.cache import CachedBackend, CacheMiss, cache_key
-from envs.candidates.pool import Request, load_pool
+from envs.candidates.pool import load_pool
 from envs.candidates.simulated import SimulatedBackend
-from envs.candidates.spec import CandidateSpec, RequestConfig
+from envs.candidates.spec import CandidateSpec, Request, RequestConfig
 
 SPECS = [
     {"name": "Small", "model": "org/small-7b", "params_b": 7, "price_per_1m_output": 0.2},

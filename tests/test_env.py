@@ -9,7 +9,7 @@ import envs  # noqa: F401  (registers MultiRoute-v0)
 from envs import EpisodeConfig, MultiRouteEnv, MultiRouteVectorEnv
 from envs.candidates import CandidatePool, CandidateSpec
 from envs.candidates.simulated import SimulatedBackend
-from envs.episode import CALLING, tag_closing_ids
+from envs.episode import CALLING, insert_replies, tag_closing_ids
 from tiny import encode, tiny_metaspace_tokenizer, tiny_tag_tokenizer, tiny_tokenizer
 
 SPECS = [CandidateSpec("Geo-Expert", "geo", 1, 0.2, description="geography"),
@@ -152,9 +152,10 @@ def test_vector_env_matches_token_level_env():
     vec = MultiRouteVectorEnv(tok, make_pool())
     vec.reset([{"question": "q?", "golden_answers": ["Tessaly"]}] * 2)
     pending = {0: ids, 1: ids}
-    while pending:
-        results = vec.step_chunks(pending)
-        pending = {i: pending[i][r.consumed:] for i, r in results.items() if not r.done}
+    while pending:  # each episode takes its chunk, then all resulting calls are made at once
+        consumed = {i: vec.push_many(i, chunk) for i, chunk in pending.items()}
+        vec.resolve()
+        pending = {i: pending[i][n:] for i, n in consumed.items() if not vec.episodes[i].done}
     (r0, s0), (r1, s1) = vec.finish()
     env = MultiRouteEnv(tok, make_pool())
     env.reset(seed=0, options={"question": "q?", "golden_answers": ["Tessaly"]})
@@ -164,7 +165,6 @@ def test_vector_env_matches_token_level_env():
 
 def test_replies_inserted_together_equal_replies_inserted_one_at_a_time():
     from envs.candidates.spec import CallRecord
-    from envs.episode import CALLING, insert_replies
     tok = tiny_tokenizer()
     records = [CallRecord("Geo-Expert", "q", "Tessaly é 中文 " * 40),  # truncated, through multi-byte characters
                CallRecord("Geo-Expert", "q", "short"), CallRecord("Geo-Expert", "q", "", error="timeout"), None]
@@ -180,7 +180,7 @@ def test_replies_inserted_together_equal_replies_inserted_one_at_a_time():
 
     together, alone = calling_episodes(), calling_episodes()
     ids = insert_replies(together, records)
-    assert ids == [e.insert_reply(r) for e, r in zip(alone, records)]
+    assert ids == [insert_replies([e], [r])[0] for e, r in zip(alone, records)]
     assert [e.text for e in together] == [e.text for e in alone]
     assert [e.response_ids for e in together] == [e.response_ids for e in alone]
     blocks = [e._pieces[-1] for e in together]  # the inserted text
@@ -243,7 +243,7 @@ def test_push_many_equals_pushing_one_token_at_a_time(make_tok, limit):
         while at < len(ids) and not ep.done:
             at += push(ep, ids[at:])
             if ep.state == CALLING:
-                ep.insert_reply(None)
+                insert_replies([ep], [None])
         return ep, at
 
     def one_by_one(ep, rest):

@@ -192,7 +192,7 @@ def test_the_triton_attention_kernel_gives_the_simple_paths_episodes(interpreted
 ])
 def test_the_device_finds_stop_strings_however_tokens_split_them(pieces, stop_at):
     from agents.fast_decode import extend_tails
-    from envs.tags import STOP_STRINGS
+    from rewards.tags import STOP_STRINGS
     W = 18
     codes = torch.zeros(len(pieces), W, dtype=torch.int32)
     lengths = torch.tensor([len(p[-W:]) for p in pieces])

@@ -10,8 +10,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from envs.candidates.local import LocalBackend, render_prompt
-from envs.candidates.pool import Request, load_pool
-from envs.candidates.spec import CandidateSpec, RequestConfig
+from envs.candidates.pool import load_pool
+from envs.candidates.spec import CandidateSpec, Request, RequestConfig
 
 CORPUS = ["who wrote hamlet", "what is the capital of france", "two plus two is four", "paris, shakespeare",
           "Answer the question with a short, direct answer.", "Question: user assistant system"]

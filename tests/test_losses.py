@@ -7,9 +7,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from agents.collectives import all_reduce
 from agents.kl import kl_estimate
 from agents.losses import (
-    LOSS_AGG_MODES,
+    LOSS_AGGREGATIONS,
     agg_loss,
     kl_loss,
     policy_loss,
@@ -95,7 +96,7 @@ def test_agg_loss_matches_hand_values(mode, expected):
     assert agg_loss(LOSS_2x4, MASK_2x4, mode, denominator).item() == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+@pytest.mark.parametrize("mode", list(LOSS_AGGREGATIONS))
 def test_sequence_without_action_tokens_contributes_nothing(mode):
     loss = torch.cat([LOSS_2x4, torch.full((1, 4), 1e6)])
     mask = torch.cat([MASK_2x4, torch.zeros(1, 4, dtype=torch.long)])
@@ -120,7 +121,7 @@ def _full_batch(mode):
     return loss.detach(), w.grad
 
 
-@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+@pytest.mark.parametrize("mode", list(LOSS_AGGREGATIONS))
 def test_gradient_accumulation_gives_the_full_batch_loss_and_gradient(mode):
     full_loss, full_grad = _full_batch(mode)
     w = torch.tensor([0.5, -1.0, 2.0, 0.1], requires_grad=True)
@@ -135,7 +136,7 @@ def test_gradient_accumulation_gives_the_full_batch_loss_and_gradient(mode):
     assert torch.allclose(w.grad, full_grad)
 
 
-@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+@pytest.mark.parametrize("mode", list(LOSS_AGGREGATIONS))
 def test_two_rank_split_with_global_denominator_equals_full_batch(mode):
     full_loss, full_grad = _full_batch(mode)
     ranks = [[0, 2], [1, 3]]
@@ -156,7 +157,8 @@ def test_two_rank_split_with_global_denominator_equals_full_batch(mode):
 def _denominator_on_rank(rank, world, tmp_dir, masks_per_rank, mode):
     dist.init_process_group("gloo", init_method=f"file://{tmp_dir}/init", rank=rank, world_size=world)
     try:
-        torch.save(torch.tensor(step_denominator(masks_per_rank[rank], mode)), f"{tmp_dir}/out{rank}.pt")
+        count = step_denominator(masks_per_rank[rank], mode, reduce=lambda t: all_reduce(t, "sum"))
+        torch.save(torch.tensor(count), f"{tmp_dir}/out{rank}.pt")
     finally:
         dist.destroy_process_group()
 

@@ -13,8 +13,8 @@ from envs.candidates.fault_server import closed_port_url, reply_text, serve_open
 
 from envs.candidates.cache import CachedBackend
 from envs.candidates.openai import OpenAIBackend, parse_retry_after
-from envs.candidates.pool import CandidateError, Request, load_pool
-from envs.candidates.spec import CandidateSpec, RequestConfig
+from envs.candidates.pool import load_pool
+from envs.candidates.spec import CandidateError, CandidateSpec, Request, RequestConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "candidates"
 KEY_ENV = "ROUTER_TEST_API_KEY"

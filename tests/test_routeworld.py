@@ -15,8 +15,8 @@ from envs.routeworld import (DEFAULT_COST_BUDGET, RELATIONS, UNKNOWN, CandidateP
                              make_world_tokenizer, oracle_plan, oracle_summary, plan_disagreement,
                              routeworld_candidates, routeworld_pool, scripted_trajectory, success_probability)
 from envs.routeworld.candidates import reply_text, reply_tokens
-from envs.tags import TAGS, close_tag, open_tag
 from rewards import compute_reward, exact_match, format_errors, make_cost_normalizer
+from rewards.tags import TAGS, close_tag, open_tag
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests of envs/tags.py: block splitting, `Name: query` parsing, candidate names, reply escaping and
+"""Tests of rewards/tags.py: block splitting, `Name: query` parsing, candidate names, reply escaping and
 the incremental tag scanner (fed by hand and by a real byte-level BPE tokenizer's stream decoder)."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tokenizers.decoders import DecodeStream
 
 from envs.candidates.spec import CandidateSpec
-from envs.tags import (
+from rewards import extract_answer
+from rewards.tags import (
     STOP_STRINGS,
     Block,
     Call,
@@ -25,7 +26,6 @@ from envs.tags import (
     parse_call,
     split_blocks,
 )
-from rewards import extract_answer
 
 NAMES = ("Geo", "Qwen2.5-7B-Instruct", "Mistral-7B")
 

@@ -7,8 +7,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
 
-from bench.common import bpe_tokenizer
-from envs.tags import TAGS
+from envs.bpe import byte_level_bpe
+from rewards.tags import TAGS
 
 CORPUS = [
     "<think> I should ask the geography expert. </think>",
@@ -33,7 +33,7 @@ TINY_RUN = [
 
 def tiny_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on a few lines: any text round-trips; pad and eos are distinct."""
-    return bpe_tokenizer(CORPUS, vocab_size, repeat=3)
+    return byte_level_bpe(CORPUS * 3, vocab_size)
 
 
 def tiny_tag_tokenizer() -> PreTrainedTokenizerFast:

@@ -9,9 +9,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from envs.candidates.pool import CandidatePool
+from envs.chunks import UNKNOWN, answer_chunk, call_chunk
 from envs.episode import EpisodeConfig
-from envs.routeworld.candidates import UNKNOWN, extract_reply_answer
-from envs.routeworld.script import answer_chunk, call_chunk
 from agents.routers.features import Featurizer
 from agents.routers.outcomes import OutcomeData
 
@@ -74,18 +73,20 @@ class Answerer:
     """Turns the reply a single-call router chose into its final answer.
 
     Modes: "reply" (replay candidates with recorded correctness: the reply is the answer), "routeworld"
-    (the short answer `extract_reply_answer` reads off a simulated reply), "reader" (a policy LLM reads
-    a free-text reply and writes the answer; its prompt and generated tokens are counted in `tokens`,
-    by question index, so the evaluation can charge them). An empty reply (a failed call) answers
-    "unknown".
+    (the task's `extract(reply)` reads the short answer off a simulated reply; the caller that chose
+    the task passes it in), "reader" (a policy LLM reads a free-text reply and writes the answer; its
+    prompt and generated tokens are counted in `tokens`, by question index, so the evaluation can
+    charge them). An empty reply (a failed call) answers "unknown".
     """
 
-    def __init__(self, mode: str, reader=None):
+    def __init__(self, mode: str, reader=None, extract: Callable[[str], str] | None = None):
         if mode not in ANSWER_MODES:
             raise ValueError(f"answer mode {mode!r}; choose one of {ANSWER_MODES}")
         if mode == "reader" and reader is None:
             raise ValueError("answer mode 'reader' needs a reader model")
-        self.mode, self.reader = mode, reader
+        if mode == "routeworld" and extract is None:
+            raise ValueError("answer mode 'routeworld' needs the task's extract(reply) -> answer")
+        self.mode, self.reader, self.extract = mode, reader, extract
         self.tokens: dict[int, int] = {}
 
     def reset(self) -> None:
@@ -96,7 +97,7 @@ class Answerer:
         if not reply:
             return UNKNOWN
         if self.mode == "routeworld":
-            return extract_reply_answer(reply)
+            return self.extract(reply)
         if self.mode == "reader":
             text, used = self.reader.read(question, reply)
             self.tokens[index] = self.tokens.get(index, 0) + used

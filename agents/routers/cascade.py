@@ -9,7 +9,7 @@ import numpy as np
 
 from agents.routers.base import RouterSetting, ScriptedRouter
 from agents.routers.scorer import CorrectnessScorer
-from envs.routeworld.script import answer_chunk, call_chunk
+from envs.chunks import answer_chunk, call_chunk
 
 
 def cascade_chain(names: list[str], costs: np.ndarray, params: list[float], wanted: list[str]) -> list[int]:

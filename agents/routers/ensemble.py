@@ -9,7 +9,7 @@ import numpy as np
 
 from agents.routers.base import ScriptedRouter
 from agents.routers.scorer import CorrectnessScorer
-from envs.routeworld.script import answer_chunk, call_chunk
+from envs.chunks import answer_chunk, call_chunk
 
 
 class EnsembleRouter(ScriptedRouter):

@@ -10,8 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from envs.candidates.pool import Backend, CandidateError, Request
-from envs.candidates.spec import Completion
+from envs.candidates.spec import Backend, CandidateError, Completion, Request
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from envs.candidates.pool import Request, register_backend
-from envs.candidates.spec import CandidateSpec, Completion
+from envs.candidates.pool import register_backend
+from envs.candidates.spec import CandidateSpec, Completion, Request
 
 
 @dataclass

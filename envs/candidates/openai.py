@@ -14,8 +14,8 @@ from collections.abc import Mapping, Sequence
 
 import httpx
 
-from envs.candidates.pool import CandidateError, Request, register_backend
-from envs.candidates.spec import CandidateSpec, Completion
+from envs.candidates.pool import register_backend
+from envs.candidates.spec import CandidateError, CandidateSpec, Completion, Request
 
 log = logging.getLogger(__name__)
 

@@ -11,39 +11,20 @@ import asyncio
 import concurrent.futures
 import logging
 import re
+import sqlite3
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from envs.candidates.spec import CallRecord, CandidateSpec, Completion, RequestConfig
+from envs.candidates.cache import CachedBackend
+from envs.candidates.spec import Backend, CallRecord, CandidateError, CandidateSpec, Request, RequestConfig
 from rewards.cost import raw_cost
 
 log = logging.getLogger(__name__)
-
-
-class CandidateError(RuntimeError):
-    """A candidate call failed for good (after retries); the message is safe to show and log."""
-
-
-@dataclass(frozen=True)
-class Request:
-    """One call: the candidate, the policy's sub-query, the messages built from it, the sampling
-    parameters, and the episode's original question (only replay backends read it)."""
-
-    spec: CandidateSpec
-    query: str
-    messages: list
-    sampling: dict
-    question: str = ""
-
-
-class Backend(Protocol):
-    async def complete(self, request: Request) -> Completion: ...
 
 
 _BACKENDS: dict[str, Callable[..., Backend]] = {}
@@ -153,6 +134,7 @@ class CandidatePool:
         self.count_prompt_tokens = count_prompt_tokens
         self.count_tokens = count_tokens
         self._loop: _LoopThread | None = None
+        self._listeners: list[Callable[[CallRecord], None]] = []
 
     @property
     def names(self) -> list[str]:
@@ -176,6 +158,11 @@ class CandidatePool:
         self._loop.loop.call_soon_threadsafe(self._start, list(calls), futures)  # one wake-up for the batch
         return futures
 
+    def on_record(self, listener: Callable[[CallRecord], None]) -> None:
+        """Give `listener` the record of every call made from now on, failed ones included (an audit
+        of the ledger: `tests/test_chaos.py` and `bench/chaos.py` count a server's requests against it)."""
+        self._listeners.append(listener)
+
     def _start(self, calls: list[tuple[str, str, str]], futures: list[concurrent.futures.Future]) -> None:
         """On the loop's thread: a task per call, whose outcome settles its future."""
         for call, future in zip(calls, futures):
@@ -184,6 +171,12 @@ class CandidatePool:
                 task.add_done_callback(lambda t, f=future: _settle(f, t))
 
     async def _call(self, name: str, query: str, question: str) -> CallRecord:
+        record = await self._make_call(name, query, question)
+        for listener in self._listeners:
+            listener(record)
+        return record
+
+    async def _make_call(self, name: str, query: str, question: str) -> CallRecord:
         spec = self.by_name[name]
         messages = self.request.messages(query)
         request = Request(spec, query, messages, self.request.sampling(), question)
@@ -286,8 +279,6 @@ def load_pool(
     if cache.get("mode", "off") != "off":
         if not cache.get("path"):
             raise ValueError(f"{where}: cache.mode={cache['mode']!r} needs cache.path (an SQLite file)")
-        import sqlite3
-        from envs.candidates.cache import CachedBackend
         try:
             backend = CachedBackend(backend, path=cache["path"], mode=cache["mode"])
         except sqlite3.DatabaseError as e:

@@ -19,8 +19,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from envs.candidates.pool import CandidateError, Request, register_backend
-from envs.candidates.spec import CandidateSpec, Completion
+from envs.candidates.pool import register_backend
+from envs.candidates.spec import CandidateError, CandidateSpec, Completion, Request
 from envs.data import QAExample
 from rewards.answer import normalize_answer
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 from typing import Callable, Mapping, Sequence
 
-from envs.candidates.pool import Request, register_backend
-from envs.candidates.spec import CandidateSpec, Completion
+from envs.candidates.pool import register_backend
+from envs.candidates.spec import CandidateSpec, Completion, Request
 
 Responder = Callable[[Request], "str | tuple[str, int]"]
 

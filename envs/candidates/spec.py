@@ -1,10 +1,12 @@
-"""Candidate specs, the request sent to a candidate, and the ledger entry of one call."""
+"""Candidate specs, the request sent to a candidate, the backend interface and its error, and the
+ledger entry of one call."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from envs.tags import check_candidate_name
+from rewards.tags import check_candidate_name
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,22 @@ class RequestConfig:
         return {"temperature": self.temperature, "max_tokens": self.max_tokens}
 
 
+@dataclass(frozen=True)
+class Request:
+    """One call: the candidate, the policy's sub-query, the messages built from it, the sampling
+    parameters, and the episode's original question (only replay backends read it)."""
+
+    spec: CandidateSpec
+    query: str
+    messages: list
+    sampling: dict
+    question: str = ""
+
+
+class CandidateError(RuntimeError):
+    """A candidate call failed for good (after retries); the message is safe to show and log."""
+
+
 @dataclass
 class Completion:
     """What a backend returns for one request. `prompt_tokens`/`completion_tokens` are None when the
@@ -65,6 +83,10 @@ class Completion:
     completion_tokens: int | None = None
     cached: bool = False
     attempts: int = 1
+
+
+class Backend(Protocol):
+    async def complete(self, request: Request) -> Completion: ...
 
 
 @dataclass

@@ -4,8 +4,9 @@ oracle plans and scripted trajectories) on which a tiny model learns to route in
 
 import importlib
 
-from envs.routeworld.candidates import (UNKNOWN, answer_query, extract_reply_answer, routeworld_candidates,
-                                        routeworld_pool, success_probability)
+from envs.chunks import UNKNOWN
+from envs.routeworld.candidates import (answer_query, extract_reply_answer, routeworld_candidates, routeworld_pool,
+                                        success_probability)
 from envs.routeworld.config import (DEFAULT_CANDIDATES, DOMAINS, ONE_HOP, TWO_HOP, CandidateProfile,
                                     WorldConfig, easy_world_config)
 from envs.routeworld.oracle import (DEFAULT_COST_BUDGET, OraclePlan, OracleSummary, oracle_plan,

@@ -8,13 +8,12 @@ import re
 import struct
 from typing import Any, Callable
 
-from envs.candidates.pool import CandidatePool, Request
+from envs.candidates.pool import CandidatePool
 from envs.candidates.simulated import SimulatedBackend
-from envs.candidates.spec import CandidateSpec
+from envs.candidates.spec import CandidateSpec, Request
+from envs.chunks import UNKNOWN
 from envs.routeworld.config import CandidateProfile
 from envs.routeworld.world import Query, World, query_key
-
-UNKNOWN = "unknown"
 
 
 def success_probability(profile: CandidateProfile, query: Query) -> float:

@@ -10,12 +10,13 @@ import numpy as np
 
 from envs.candidates.pool import CandidatePool
 from envs.candidates.spec import CallRecord
-from envs.routeworld.candidates import UNKNOWN, extract_reply_answer
+from envs.chunks import UNKNOWN, answer_chunk, call_chunk
+from envs.routeworld.candidates import extract_reply_answer
 from envs.routeworld.oracle import oracle_plan
 from envs.routeworld.world import RELATIONS, World
-from envs.tags import ANSWER, SEARCH, escape_info, info_block, parse_call, split_blocks
 from rewards.answer import normalize_answer
 from rewards.cost import CostNormalizer
+from rewards.tags import ANSWER, SEARCH, info_block, parse_call, split_blocks
 
 POLICIES = ("random", "oracle")
 # How a scripted thought names a sub-question's domain, as a person reading it would
@@ -27,20 +28,6 @@ def hop_thought(relation: str, subject: str) -> str:
     """The thought before a hop's call: what is needed, and the kind of question it is."""
     rel = RELATIONS[relation]
     return f"need {rel.phrase.format(subject)}, a {DOMAIN_WORDS[rel.domain]} question"
-
-
-def call_chunk(think: str, name: str, query: str) -> str:
-    """A thought, then a call: "<think> {think} </think>\n<search> {name}: {query} </search>", with
-    the copied texts escaped (`escape_info`) so none can close its block."""
-    return f"<think> {escape_info(think)} </think>\n<search> {name}: {escape_info(query)} </search>"
-
-
-def answer_chunk(answer: str) -> str:
-    """A thought, then the answer: "<think> the answer is X </think>\n<answer> X </answer>", X
-    escaped (`escape_info`) as it may be copied from a reply."""
-    answer = escape_info(answer)
-    think = "no answer found" if answer == UNKNOWN else f"the answer is {answer}"
-    return f"<think> {think} </think>\n<answer> {answer} </answer>"
 
 
 def scripted_turn(

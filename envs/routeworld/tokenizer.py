@@ -8,9 +8,11 @@ from typing import Iterable, Iterator
 from transformers import PreTrainedTokenizerFast
 
 from envs.bpe import TAG_STRINGS, byte_level_bpe
-from envs.routeworld.candidates import UNKNOWN, reply_text
-from envs.routeworld.script import answer_chunk, call_chunk, hop_thought, info_block
+from envs.chunks import UNKNOWN, answer_chunk, call_chunk
+from envs.routeworld.candidates import reply_text
+from envs.routeworld.script import hop_thought
 from envs.routeworld.world import World
+from rewards.tags import info_block
 
 
 def world_texts(world: World) -> Iterator[str]:

@@ -4,8 +4,8 @@ an incremental scanner for streamed text, and escaping of inserted candidate rep
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 THINK, SEARCH, INFO, ANSWER = "think", "search", "info", "answer"
 TAGS = (THINK, SEARCH, INFO, ANSWER)
