@@ -16,7 +16,9 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 from envs.atomic import write_atomic
 from envs.bpe import byte_level_bpe
 
-RESULTS = Path(__file__).parent / "results"
+# Scratch results go to an ignored folder; a run that README or bench/README.md cites is copied into
+# bench/results/ by hand (one file per bench x shape x GPU).
+RESULTS = Path(__file__).resolve().parent.parent / "runs" / "bench"
 
 # Qwen2.5 shapes (hidden, layers, heads, kv heads, intermediate, tied embeddings)
 SHAPES = {
@@ -90,7 +92,7 @@ def gpu_tag() -> str:
 
 
 def write_results(kind: str, payload: dict) -> Path:
-    """Write `bench/results/<kind>_<gpu>_<date>.json` (temp file, then rename)."""
+    """Write `runs/bench/<kind>_<gpu>_<date>.json` (temp file, then rename)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     date = datetime.date.today().isoformat()
     tag = gpu_tag() if kind != "env_step" else "cpu"

@@ -5,7 +5,7 @@
 # SHAPE=3b STAGES="zero3 zero3_offload" runs the Qwen2.5-3B shape instead, for the memory table (needs an
 # H200): 2 steps, no checkpoints (a 3B actor + critic checkpoint with Adam state is about 90 GB).
 set -uo pipefail
-OUT=${OUT:-bench/results}
+OUT=${OUT:-runs/bench}
 STAGES=${STAGES:-zero2 zero3}
 if [ "${SHAPE:-0.5b}" = 3b ]; then
   SHAPE="model.init={hidden_size: 2048, num_hidden_layers: 36, num_attention_heads: 16, num_key_value_heads: 2, intermediate_size: 11008, max_position_embeddings: 2048, tie_word_embeddings: true}"

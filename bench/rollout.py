@@ -394,7 +394,7 @@ def main() -> None:
     p.add_argument("--attention", default="auto", choices=("auto", "triton", "matmul"),
                    help="the decode step's attention (FastEngine's `attention`)")
     p.add_argument("--autotune", action="store_true", help="time Triton and cuBLAS kernels for the decode matmuls")
-    p.add_argument("--tag", default="", help="written to bench/results/rollout_<tag>_<gpu>_<date>.json")
+    p.add_argument("--tag", default="", help="written to runs/bench/rollout_<tag>_<gpu>_<date>.json")
     args = p.parse_args()
     tok = bpe_tokenizer(CORPUS, 500)
     check = check_graphs_match_eager(tok) if args.check else None

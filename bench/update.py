@@ -165,7 +165,7 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile every decoder layer (model.compile_layers)")
     p.add_argument("--profile", action="store_true", help="profile one more step of each row: wall against device "
                    "busy time, top kernels and host operations")
-    p.add_argument("--tag", default="", help="written to bench/results/update_<tag>_<gpu>_<date>.json")
+    p.add_argument("--tag", default="", help="written to runs/bench/update_<tag>_<gpu>_<date>.json")
     args = p.parse_args()
     peak = matmul_rate()
     print(f"bf16 matmul {peak / 1e12:.0f} TFLOP/s", flush=True)

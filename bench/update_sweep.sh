@@ -5,7 +5,7 @@
 # apply to every process; PLAIN=0 skips the plain row.
 # Usage: OUT=dir TOKENS=16384 bash bench/update_sweep.sh configs/deepspeed/zero2.json bench/configs/zero2_overlap.json
 set -uo pipefail
-OUT=${OUT:-bench/results}
+OUT=${OUT:-runs/bench}
 TOKENS=${TOKENS:-16384}
 log=$OUT/update_sweep.txt
 if [ "${PLAIN:-1}" = 1 ]; then

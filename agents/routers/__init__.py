@@ -1,34 +1,14 @@
 """Baseline routers and LLM routers by name: `make_router("knn", ctx)`, `make_router("fixed:Name", ctx)`,
-`make_router("policy:runs/x/checkpoints/best/policy", ctx)`. Every router acts in the env."""
+`make_router("policy:runs/x/checkpoints/best/policy", ctx)`. Every router acts in the env. A router is
+one class in one file, registered where it is defined with `@register_router(name, arg=...)`; importing
+this package imports every such file."""
 
 from __future__ import annotations
 
-from agents.routers.base import RouterContext, RouterOptions, RouterSetting, ScriptedRouter, SingleCallRouter
-from agents.routers.cascade import CascadeRouter
-from agents.routers.ensemble import EnsembleRouter
-from agents.routers.fixed import CheapestRouter, FixedRouter, LargestRouter, RandomRouter
-from agents.routers.knn import KNNRouter
-from agents.routers.llm import DirectRouter, LLMRouter, PolicyRouter, PromptLLMRouter
-from agents.routers.mf import MFRouter
-from agents.routers.mlp import MLPRouter
-from agents.routers.oracle import OracleRouter
-from agents.routers.regroup import RegroupRouter
-
-ROUTERS: dict[str, type] = {}
-NEEDS_ARG = ("fixed", "policy", "prompt-llm", "direct")  # routers written `name:argument`
-
-
-def register_router(cls: type) -> type:
-    """Register a router class under `cls.name`; a taken name is an error."""
-    if not cls.name or cls.name in ROUTERS:
-        raise ValueError(f"router name {cls.name!r} is empty or already registered")
-    ROUTERS[cls.name] = cls
-    return cls
-
-
-for _cls in (LargestRouter, CheapestRouter, RandomRouter, FixedRouter, OracleRouter, KNNRouter, MLPRouter,
-             MFRouter, CascadeRouter, RegroupRouter, EnsembleRouter, PolicyRouter, PromptLLMRouter, DirectRouter):
-    register_router(_cls)
+from agents.routers import cascade, ensemble, fixed, knn, llm, mf, mlp, oracle, regroup  # noqa: F401  (they register)
+from agents.routers.base import (ROUTERS, RouterContext, RouterOptions, RouterSetting, ScriptedRouter,
+                                 SingleCallRouter, register_router)
+from agents.routers.llm import LLMRouter
 
 
 def parse_router_spec(spec: str) -> tuple[str, str | None]:
@@ -40,9 +20,10 @@ def parse_router_spec(spec: str) -> tuple[str, str | None]:
     name, arg = name.strip(), arg.strip() or None
     if name not in ROUTERS:
         raise ValueError(f"unknown router {name!r} (in {spec!r}); known: {', '.join(sorted(ROUTERS))}")
-    if name in NEEDS_ARG and arg is None:
-        raise ValueError(f"router {name!r} needs an argument: {name}:<{'candidate' if name == 'fixed' else 'model dir'}>")
-    if name not in NEEDS_ARG and arg is not None:
+    wants = ROUTERS[name].arg
+    if wants is not None and arg is None:
+        raise ValueError(f"router {name!r} needs an argument: {name}:<{wants}>")
+    if wants is None and arg is not None:
         raise ValueError(f"router {name!r} takes no argument, got {spec!r}")
     return name, arg
 
@@ -53,5 +34,5 @@ def make_router(spec: str, ctx: RouterContext):
     return ROUTERS[name](ctx, arg)
 
 
-__all__ = ["ROUTERS", "NEEDS_ARG", "register_router", "parse_router_spec", "make_router", "RouterContext",
-           "RouterOptions", "RouterSetting", "ScriptedRouter", "SingleCallRouter", "LLMRouter"]
+__all__ = ["ROUTERS", "register_router", "parse_router_spec", "make_router", "RouterContext", "RouterOptions",
+           "RouterSetting", "ScriptedRouter", "SingleCallRouter", "LLMRouter"]

@@ -154,6 +154,21 @@ class RouterContext:
         return np.array([s.price_per_1m_output * 100.0 for s in self.pool.specs])
 
 
+ROUTERS: dict[str, type] = {}
+
+
+def register_router(name: str, arg: str | None = None):
+    """Register a router class under `name`. `arg` names what the router takes after a colon
+    (`fixed:<candidate>`, `policy:<model dir>`); None: it takes nothing."""
+    def deco(cls: type) -> type:
+        if not name or name in ROUTERS:
+            raise ValueError(f"router name {name!r} is empty or already registered")
+        cls.name, cls.arg = name, arg
+        ROUTERS[name] = cls
+        return cls
+    return deco
+
+
 class ScriptedRouter:
     """A router that writes its decisions as text (the same text a policy would write).
 

@@ -7,7 +7,7 @@ import dataclasses
 
 import numpy as np
 
-from agents.routers.base import RouterSetting, ScriptedRouter
+from agents.routers.base import RouterSetting, ScriptedRouter, register_router
 from agents.routers.scorer import CorrectnessScorer
 from envs.chunks import answer_chunk, call_chunk
 
@@ -24,8 +24,8 @@ def cascade_chain(names: list[str], costs: np.ndarray, params: list[float], want
     return sorted(range(len(names)), key=lambda i: (costs[i], params[i], i))
 
 
+@register_router("cascade")
 class CascadeRouter(ScriptedRouter):
-    name = "cascade"
 
     def fit(self) -> None:
         self.scorer = CorrectnessScorer(self.ctx)

@@ -7,13 +7,13 @@ import dataclasses
 
 import numpy as np
 
-from agents.routers.base import ScriptedRouter
+from agents.routers.base import ScriptedRouter, register_router
 from agents.routers.scorer import CorrectnessScorer
 from envs.chunks import answer_chunk, call_chunk
 
 
+@register_router("ensemble")
 class EnsembleRouter(ScriptedRouter):
-    name = "ensemble"
 
     def fit(self) -> None:
         self.scorer = CorrectnessScorer(self.ctx)

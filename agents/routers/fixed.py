@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from agents.routers.base import SingleCallRouter
+from agents.routers.base import SingleCallRouter, register_router
 
 
+@register_router("fixed", arg="candidate")
 class FixedRouter(SingleCallRouter):
     """`fixed:<candidate>`: every question goes to the named candidate (exact name, any case)."""
 
-    name = "fixed"
 
     def __init__(self, ctx, arg=None):
         super().__init__(ctx, arg)
@@ -26,10 +26,10 @@ class FixedRouter(SingleCallRouter):
         return np.full(len(questions), self.index)
 
 
+@register_router("largest")
 class LargestRouter(SingleCallRouter):
     """The candidate with the most parameters (ties: the pricier, then the first listed)."""
 
-    name = "largest"
 
     def choose(self, questions, setting, rng):
         specs = self.ctx.pool.specs
@@ -37,19 +37,19 @@ class LargestRouter(SingleCallRouter):
         return np.full(len(questions), best)
 
 
+@register_router("cheapest")
 class CheapestRouter(SingleCallRouter):
     """The candidate with the lowest expected cost of a call (ties: the first listed)."""
 
-    name = "cheapest"
 
     def choose(self, questions, setting, rng):
         return np.full(len(questions), int(np.argmin(self.ctx.call_costs())))
 
 
+@register_router("random")
 class RandomRouter(SingleCallRouter):
     """A uniformly random candidate per question, drawn from the rng the evaluation passes in."""
 
-    name = "random"
 
     def choose(self, questions, setting, rng: np.random.Generator):
         return rng.integers(len(self.ctx.names), size=len(questions))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agents.routers.base import SingleCallRouter, lambda_settings, quality_cost_choice
+from agents.routers.base import SingleCallRouter, lambda_settings, quality_cost_choice, register_router
 
 
 def knn_quality(train_x: np.ndarray, train_quality: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
@@ -20,8 +20,8 @@ def knn_quality(train_x: np.ndarray, train_quality: np.ndarray, x: np.ndarray, k
     return out
 
 
+@register_router("knn")
 class KNNRouter(SingleCallRouter):
-    name = "knn"
 
     def fit(self) -> None:
         train = self.ctx.train()

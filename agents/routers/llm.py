@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from agents.routers.base import register_router
 from envs.episode import EpisodeConfig
 
 
@@ -50,14 +51,16 @@ class LLMRouter:
         return base if self.max_turns is None else dataclasses.replace(base, max_turns=self.max_turns)
 
 
+@register_router("policy", arg="model dir")
 class PolicyRouter(LLMRouter):
-    name = "policy"
+    """A trained policy (train.py's `checkpoints/<step|best>/policy`)."""
 
 
+@register_router("prompt-llm", arg="model dir")
 class PromptLLMRouter(LLMRouter):
-    name = "prompt-llm"
+    """An untrained model given the same Router-R1 prompt."""
 
 
+@register_router("direct", arg="model dir")
 class DirectRouter(LLMRouter):
-    name = "direct"
     max_turns = 0

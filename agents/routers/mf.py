@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from agents.routers.base import register_router
 from agents.routers.mlp import QualityNetRouter
 
 
@@ -22,8 +23,8 @@ class BilinearScores(torch.nn.Module):
         return self.project(x) @ self.candidates.T + self.bias
 
 
+@register_router("mf")
 class MFRouter(QualityNetRouter):
-    name = "mf"
 
     def make_net(self, dim: int) -> torch.nn.Module:
         return BilinearScores(dim, len(self.ctx.names), self.ctx.options.mf_dim)

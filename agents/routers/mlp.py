@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from agents.routers.base import SingleCallRouter, lambda_settings, quality_cost_choice
+from agents.routers.base import SingleCallRouter, lambda_settings, quality_cost_choice, register_router
 from agents.routers.fit import fit_bce, predict_proba, seeded_init
 
 
@@ -33,8 +33,8 @@ class QualityNetRouter(SingleCallRouter):
         return quality_cost_choice(predicted, self.costs, setting.value)
 
 
+@register_router("mlp")
 class MLPRouter(QualityNetRouter):
-    name = "mlp"
 
     def make_net(self, dim: int) -> torch.nn.Module:
         hidden = self.ctx.options.hidden

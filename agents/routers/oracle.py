@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from agents.routers.base import SingleCallRouter
+from agents.routers.base import SingleCallRouter, register_router
 from agents.routers.outcomes import OutcomeData, from_calls
 
 
@@ -18,12 +18,12 @@ def oracle_choice(outcomes: OutcomeData) -> np.ndarray:
     return np.where(right.any(axis=1), np.argmin(cost, axis=1), cheapest_overall)
 
 
+@register_router("oracle")
 class OracleRouter(SingleCallRouter):
     """Calls every candidate on every question outside the episode (the calls are deterministic:
     replayed, simulated or cached), scores the answers against the golden ones, then routes each
     question once to `oracle_choice`. Only the routed call is charged."""
 
-    name = "oracle"
     needs_golden = True
 
     def turn_fn(self, questions, setting, golden=None):

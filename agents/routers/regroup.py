@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from agents.routers.base import SingleCallRouter
+from agents.routers.base import SingleCallRouter, register_router
 from agents.routers.fit import seeded_init
 from agents.routers.kmeans import choose_k, kmeans, sq_dists
 
@@ -26,11 +26,11 @@ def fit_softmax(x: np.ndarray, labels: np.ndarray, n_classes: int, epochs: int, 
     return model.eval()
 
 
+@register_router("regroup")
 class RegroupRouter(SingleCallRouter):
     """Labels: `OutcomeData.best` (highest recorded quality, ties to the cheaper). A cluster whose
     members share one label routes to it without a classifier."""
 
-    name = "regroup"
 
     def fit(self) -> None:
         train, opt = self.ctx.train(), self.ctx.options
