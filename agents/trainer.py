@@ -216,6 +216,34 @@ class Trainer:
 
     # ------------------------------------------------------------ one RL step
 
+    def train_step(self) -> tuple[dict[str, float], list[dict]]:
+        """One RL step: roll out, score the tokens, add KL and advantages, update; the methods below
+        in that order."""
+        t0 = time.perf_counter()
+        batch, summaries, metrics = self.rollout()
+        episodes = self._reduce(episode_metrics(summaries, "train"), len(summaries))
+        n = self.cfg.rollout.n_prompts * self.cfg.rollout.n_per_prompt  # episodes of the step, all ranks
+        self.call_monitor.observe(episodes["train/calls"] * n, episodes["train/failed_calls"] * n,
+                                  first_error(summaries))
+        batch = self.score_tokens(batch)
+        m = batch.action_mask.bool()
+        gap = (batch.sampler_logprobs - batch.old_logprobs).abs()[m]
+        if gap.numel():
+            metrics["rollout/logprob_gap_mean"] = float(gap.mean())
+            metrics["rollout/logprob_gap_p99"] = float(torch.quantile(gap.float(), 0.99))
+        metrics.update(self.add_kl_and_advantages(batch))
+        t1 = time.perf_counter()
+        metrics.update(self.update(batch))
+        update_s = time.perf_counter() - t1
+        metrics.update(episodes)
+        n_tokens = float(self.dist.all_reduce_sum(batch.attention_mask.sum().float()))
+        if torch.cuda.is_available():
+            metrics["perf/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        metrics.update({"time/update_s": update_s, "time/step_s": time.perf_counter() - t0,
+                        "perf/update_tokens_per_s": n_tokens / max(update_s, 1e-9), "train/step": self.step})
+        self.step += 1
+        return metrics, summaries
+
     def rollout(self) -> tuple[RolloutBatch, list[dict], dict]:
         """Sample this rank's shard of the step's questions, n_per_prompt times each, and score them."""
         cfg, d = self.cfg, self.dist
@@ -337,32 +365,6 @@ class Trainer:
                 engines.backward("critic", loss)
                 stats.add(critic_stats)
         stats.add(engines.step())
-
-    def train_step(self) -> tuple[dict[str, float], list[dict]]:
-        t0 = time.perf_counter()
-        batch, summaries, metrics = self.rollout()
-        episodes = self._reduce(episode_metrics(summaries, "train"), len(summaries))
-        n = self.cfg.rollout.n_prompts * self.cfg.rollout.n_per_prompt  # episodes of the step, all ranks
-        self.call_monitor.observe(episodes["train/calls"] * n, episodes["train/failed_calls"] * n,
-                                  first_error(summaries))
-        batch = self.score_tokens(batch)
-        m = batch.action_mask.bool()
-        gap = (batch.sampler_logprobs - batch.old_logprobs).abs()[m]
-        if gap.numel():
-            metrics["rollout/logprob_gap_mean"] = float(gap.mean())
-            metrics["rollout/logprob_gap_p99"] = float(torch.quantile(gap.float(), 0.99))
-        metrics.update(self.add_kl_and_advantages(batch))
-        t1 = time.perf_counter()
-        metrics.update(self.update(batch))
-        update_s = time.perf_counter() - t1
-        metrics.update(episodes)
-        n_tokens = float(self.dist.all_reduce_sum(batch.attention_mask.sum().float()))
-        if torch.cuda.is_available():
-            metrics["perf/peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        metrics.update({"time/update_s": update_s, "time/step_s": time.perf_counter() - t0,
-                        "perf/update_tokens_per_s": n_tokens / max(update_s, 1e-9), "train/step": self.step})
-        self.step += 1
-        return metrics, summaries
 
     def _reduce(self, metrics: dict[str, float], n: int) -> dict[str, float]:
         """Episode means over all ranks: each rank's means weighted by its `n` episodes (a key a rank
