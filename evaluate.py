@@ -13,24 +13,25 @@ import io
 import json
 import logging
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
-import yaml
 from tqdm import tqdm
 
 from agents.call_errors import CallFailureAbort, first_error
-from agents.config import apply_override, from_dict
+from agents.config import load_dataclass
 from agents.routers import LLMRouter, RouterContext, RouterOptions, make_router, parse_router_spec
 from agents.routers.base import Answerer
-from agents.routers.outcomes import OutcomeData, from_calls, from_replay_table
+from agents.routers.outcomes import from_calls, from_replay_table
 from envs.atomic import write_atomic
 from envs.episode import EpisodeConfig
 from envs.routeworld import extract_reply_answer
+from envs.tasks import Task
 from rewards import exact_match, extract_answer, f1_score, make_cost_normalizer
 from rewards.metrics import aiq, apgr, bootstrap_ci, cpt, pareto_hull, routing_score, routing_score_bounds, summarize_by
+from rewards.table import markdown_table
 
 log = logging.getLogger("evaluate")
 TASKS = ("llmrouter", "routeworld", "qa")
@@ -69,31 +70,8 @@ class EvalConfig:
             raise ValueError("router_price_per_1m must be >= 0, batch_size and bootstrap_resamples >= 1")
 
 
-def load_eval_config(path: str | Path, overrides: Sequence[str] = ()) -> EvalConfig:
-    """YAML plus `dotted.key=value` overrides, every key and type checked (unknown keys are errors)."""
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: the top level must be a mapping")
-    for o in overrides:
-        apply_override(data, o)
-    try:
-        return from_dict(EvalConfig, data)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: {e}") from None
-
-
 # ---------------------------------------------------------------------------------------------------
-# Questions, candidates and training outcomes of a task
-
-@dataclass
-class EvalTask:
-    test: list[dict]  # {"id", "question", "golden_answers", "dataset"}
-    pool: object
-    tokenizer: object  # the env's tokenizer for scripted routers
-    answer_mode: str
-    train_loader: Callable[[], OutcomeData] | None
-
+# Questions, candidates and training outcomes of a task (an envs.tasks.Task, as in train.py)
 
 def _check_jsonl_rows(path: Path, question_column: str, answers_column: str) -> None:
     """Raw JSON types, which `datasets` would coerce (42 -> "42"): the question must be a string and the
@@ -149,7 +127,9 @@ def make_answerer(mode: str, reader=None) -> Answerer:
     return Answerer(mode, reader, extract_reply_answer if mode == "routeworld" else None)
 
 
-def build_task(cfg: EvalConfig) -> EvalTask:
+def build_task(cfg: EvalConfig) -> Task:
+    """The task of `cfg`: its first `max_questions` test questions, its pool, the env's tokenizer for
+    scripted routers, and its training outcomes (`train_outcomes`) where it has any."""
     from envs.candidates.pool import load_pool
     from agents.routers.tokenizer import text_tokenizer
     mode = resolve_answer_mode(cfg)
@@ -162,7 +142,7 @@ def build_task(cfg: EvalConfig) -> EvalTask:
         train = rw.train
         loader = lambda: from_calls(rw.pool, [q["question"] for q in train], [q["golden_answers"] for q in train],
                                     lambda q, r: answerer.answer(0, q, r))
-        return EvalTask(test[:cfg.max_questions], rw.pool, rw.tokenizer, mode, loader)
+        return replace(rw, test=test[:cfg.max_questions], train_outcomes=loader)
     pool = load_pool(cfg.pool)
     if cfg.task == "llmrouter":
         from envs.candidates.replay import load_llmrouter_outcomes, resolve_data_dir
@@ -177,18 +157,18 @@ def build_task(cfg: EvalConfig) -> EvalTask:
         test = [ex.as_dict() for ex in examples if ex.question in test_qs]
         train_qs = [row["question"].strip() for row in json.loads((root / "train.json").read_text())]
         loader = lambda: from_replay_table(table, pool.specs, train_qs)
-        texts = train_qs[:2000] + [q["question"] for q in test]
+        texts, train = train_qs[:2000] + [q["question"] for q in test], []
     else:
         test = [q for i, spec in enumerate(cfg.test_files) for q in load_questions(spec, f"test_files[{i}]")]
-        loader = None
+        loader, train = None, []
         if cfg.train_file:
             train = load_questions(cfg.train_file, "train_file")
             answerer = make_answerer(mode if mode != "reader" else "reply")
             loader = lambda: from_calls(pool, [q["question"] for q in train], [q["golden_answers"] for q in train],
                                         lambda q, r: answerer.answer(0, q, r))
         texts = [q["question"] for q in test]
-    test = test[:cfg.max_questions]
-    return EvalTask(test, pool, text_tokenizer(texts, pool.names), mode, loader)
+    return Task(cfg.task, train, test[:cfg.max_questions], pool, tokenizer=text_tokenizer(texts, pool.names),
+                train_outcomes=loader)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -213,7 +193,7 @@ def _record(router: str, label: str, example: dict, summary: dict, own_tokens: i
     }
 
 
-def play_scripted_router(router, setting, cfg: EvalConfig, task: EvalTask, ctx: RouterContext, normalizer,
+def play_scripted_router(router, setting, cfg: EvalConfig, task: Task, ctx: RouterContext, normalizer,
                          rng: np.random.Generator) -> list[dict]:
     """All test questions as one batch of episodes; the router's text is played by `play_scripted`."""
     from agents.sft import play_scripted
@@ -231,7 +211,7 @@ def play_scripted_router(router, setting, cfg: EvalConfig, task: EvalTask, ctx: 
             for i, (q, (_, s)) in enumerate(zip(task.test, env.finish(normalizer)))]
 
 
-def play_llm_router(router: LLMRouter, cfg: EvalConfig, task: EvalTask, normalizer, bar) -> list[dict]:
+def play_llm_router(router: LLMRouter, cfg: EvalConfig, task: Task, normalizer, bar) -> list[dict]:
     """Greedy rollouts of the router's model in batches of `cfg.batch_size`; the model's prompt and
     every token of its response (its own and the inserted replies it reads) are charged to full cost."""
     from agents.rollout import run_rollouts
@@ -290,12 +270,12 @@ def _write_text(path: Path, text: str) -> None:
     write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def markdown_table(rows: list[dict], datasets: list[str], curves: dict[str, dict]) -> str:
+def results_table(rows: list[dict], datasets: list[str], curves: dict[str, dict]) -> str:
     """Routers as rows, datasets as columns (EM), then the overall EM with its 95% CI and the costs,
     as in the Router-R1 paper's tables; a second table gives each router curve's AIQ and RS."""
     head = ["router"] + [f"{d} EM" for d in datasets] + ["overall EM [95% CI]", "F1", "raw cost", "full cost",
                                                         "calls/q", "call err", "fmt err", "reward", "RS"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for r in rows:
         m, all_ = r["metrics"], r["metrics"]["by_dataset"]["overall"]
         lo, hi = m["em_ci"]
@@ -304,13 +284,12 @@ def markdown_table(rows: list[dict], datasets: list[str], curves: dict[str, dict
                   f"{all_['full_cost']:.1f}", f"{all_['calls_per_question']:.2f}", f"{m['call_error_rate']:.3f}",
                   f"{all_['format_error_rate']:.3f}",
                   f"{m['reward']:.3f}", f"{m['routing_score']:.3f}" if "routing_score" in m else "-"]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| router | points | AIQ | APGR | CPT(50%) |", "|---|---|---|---|---|"]
-    for name, c in curves.items():
-        lines.append(f"| {name} | {c['points']} | {c['aiq']:.3f} | "
-                     f"{c['apgr']:.3f} | {c['cpt50']:.1f} |" if "apgr" in c else
-                     f"| {name} | {c['points']} | {c['aiq']:.3f} | - | - |")
-    return "\n".join(lines) + "\n"
+        body.append(cells)
+    curve_rows = [[name, c["points"], f"{c['aiq']:.3f}",
+                   *([f"{c['apgr']:.3f}", f"{c['cpt50']:.1f}"] if "apgr" in c else ["-", "-"])]
+                  for name, c in curves.items()]
+    return (markdown_table(head, body) + "\n\n"
+            + markdown_table(["router", "points", "AIQ", "APGR", "CPT(50%)"], curve_rows) + "\n")
 
 
 def plot_pareto(path: Path, rows: list[dict]) -> None:
@@ -370,7 +349,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    cfg = load_eval_config(args.config, args.overrides)
+    cfg = load_dataclass(EvalConfig, args.config, args.overrides)  # `extends:` and overrides as in train.py
     specs = [s.strip() for s in args.routers.split(",") if s.strip()]
     try:
         result = evaluate_routers(cfg, specs, Path(args.out or cfg.out))
@@ -396,12 +375,12 @@ def evaluate_routers(cfg: EvalConfig, specs: Sequence[str], out: Path) -> dict:
         task.pool.close()  # on any error too: a pool left open would keep the process alive
 
 
-def _evaluate(cfg: EvalConfig, specs: Sequence[str], out: Path, task: EvalTask) -> dict:
-    reader = None
-    if task.answer_mode == "reader":
+def _evaluate(cfg: EvalConfig, specs: Sequence[str], out: Path, task: Task) -> dict:
+    reader, answer_mode = None, resolve_answer_mode(cfg)
+    if answer_mode == "reader":
         from agents.routers.reader import AnswerReader
         reader = AnswerReader(cfg.routers.reader_model, device=cfg.device)
-    ctx = RouterContext(task.pool, cfg.routers, make_answerer(task.answer_mode, reader), task.train_loader)
+    ctx = RouterContext(task.pool, cfg.routers, make_answerer(answer_mode, reader), task.train_outcomes)
     routers = []
     for s in specs:
         router = make_router(s, ctx)
@@ -456,14 +435,14 @@ def _evaluate(cfg: EvalConfig, specs: Sequence[str], out: Path, task: EvalTask) 
                for r in rows if r["router"] == spec]
         curves[spec] = {"points": len(pts), **curve_metrics(pts, c_max, two)}
     datasets = sorted({d for r in rows for d in r["metrics"]["by_dataset"] if d != "overall"})
-    table = markdown_table(rows, datasets, curves)
+    table = results_table(rows, datasets, curves)
     if bounds is not None:
         table += (f"\nRouting Score bounds over {len(names)} candidates: oracle {bounds['oracle']:.3f}, "
                   f"quality-only {bounds['quality_only']:.3f} (costs scaled over [{bounds_costs[0]:.1f}, "
                   f"{bounds_costs[1]:.1f}] micro-$).\n")
     result = {"config": asdict(cfg), "routers": specs, "n_questions": len(task.test), "datasets": datasets,
               "rows": rows, "curves": curves, "routing_score_bounds": bounds, "two_model": two,
-              "answer_mode": task.answer_mode,
+              "answer_mode": answer_mode,
               "features": ctx._featurizer.name if ctx._featurizer is not None else None}
     write_results(out, result, rows, table)
     dead = sorted({r["name"] for r in rows if r["metrics"]["calls"] and r["metrics"]["call_error_rate"] == 1.0})

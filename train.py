@@ -23,6 +23,7 @@ from tqdm import tqdm
 from agents.call_errors import CallFailureAbort, CallFailureMonitor, first_error
 from agents.config import TrainConfig, load_config, redacted
 from agents.distributed import init_distributed, per_rank
+from agents.pad_token import ensure_pad_token, generation_eos
 from agents.policy import build_actor
 from agents.sft import play_scripted, replay_turns, sft_train, trajectories_from_jsonl
 from agents.trainer import MetricsLogger, Trainer, complete_checkpoints, latest_checkpoint
@@ -32,6 +33,7 @@ from envs.candidates.simulated import SimulatedBackend
 from envs.prompts import build_prompt
 from envs.tasks import make_task, seeded_rng
 from envs.vector import MultiRouteVectorEnv
+from rewards.table import markdown_table
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "routeworld_tiny.yaml"
 log = logging.getLogger("routerl")
@@ -76,7 +78,10 @@ def run_sft(cfg: TrainConfig, task, tokenizer, actor, dist_) -> None:
 
 def reference_rows(cfg: TrainConfig, task, tokenizer, normalizer) -> dict[str, dict]:
     """The task's scripted reference routers (each candidate asked the whole question, the oracle
-    plan), played in the env on the test questions, so they are measured like the policy."""
+    plan), played in the env on the test questions, so they are measured like the policy: the same
+    `episode_metrics` (response tokens, calls per candidate) and the trained normalizer. (evaluate.py's
+    `fixed:<name>` router writes another thought before its call and scores with a frozen normalizer,
+    so its rows would not equal these.)"""
     from agents.trainer import episode_metrics
     rows = {}
     for name, script in task.references(cfg.episode.alpha, normalizer).items():
@@ -183,11 +188,8 @@ def write_report(run_dir: Path, rows: dict[str, dict], metrics_path: Path) -> st
     """The final table (Markdown) and curves.png (reward, EM and cost over training steps)."""
     cols = [("eval/em", "EM"), ("eval/format_error", "format err"), ("eval/raw_cost", "raw cost"),
             ("eval/calls", "calls/q"), ("eval/call_error_rate", "call err"), ("eval/reward", "reward")]
-    lines = ["| router | " + " | ".join(c for _, c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for name, m in rows.items():
-        cells = [f"{m[k]:.3f}" if k in m else "-" for k, _ in cols]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
+    table = markdown_table(["router"] + [c for _, c in cols],
+                           [[name] + [f"{m[k]:.3f}" if k in m else "-" for k, _ in cols] for name, m in rows.items()])
     (run_dir / "results.md").write_text(table + "\n")
     write_atomic(run_dir / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=2)))
     import matplotlib
@@ -242,6 +244,7 @@ def train(cfg: TrainConfig, task, dist_, run_dir: Path, resume: bool) -> dict:
     else:
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path)
+        ensure_pad_token(tokenizer, generation_eos(cfg.model.name_or_path))  # agents/pad_token.py: the rule
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise ValueError("the tokenizer needs a pad token distinct from EOS (set one and save the tokenizer)")
 

@@ -1,5 +1,6 @@
-"""Typed training configuration: dataclasses filled from YAML, `dotted.key=value` overrides, and
-validation of every key, type and range before any model is loaded."""
+"""Typed training configuration, and the one config loader (`load_dataclass`, also evaluate.py's):
+dataclasses filled from YAML (`extends:` a parent file), `dotted.key=value` overrides, and validation
+of every key, type and range before any model is loaded."""
 
 from __future__ import annotations
 
@@ -370,16 +371,23 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Read YAML (if given), apply overrides, validate everything."""
+def load_dataclass(cls, path: str | Path | None, overrides: Sequence[str] = ()):
+    """The one config loader (train.py's TrainConfig, evaluate.py's EvalConfig): read YAML (if given,
+    `extends:` first), apply `dotted.key=value` overrides, and build dataclass `cls` with every key,
+    type and range checked; an error names the file and the key."""
     data: dict = read_yaml(path) if path is not None else {}
     for o in overrides:
         apply_override(data, o)
     try:
-        return from_dict(TrainConfig, data)
+        return from_dict(cls, data)
     except (TypeError, ValueError) as e:
         where = f"{path}: " if path else ""
         raise ValueError(f"{where}{e}") from None
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """The training config: `load_dataclass(TrainConfig, ...)`."""
+    return load_dataclass(TrainConfig, path, overrides)
 
 
 SECRET_HINTS = ("key", "token", "secret", "password")

@@ -44,8 +44,12 @@ def build_actor(cfg: ModelConfig, vocab_size: int, pad_id: int, eos_id: int, dev
                              bos_token_id=eos_id, **shape)
         config._attn_implementation = attn
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
-    if model.get_input_embeddings().num_embeddings < vocab_size:
+    n_old = model.get_input_embeddings().num_embeddings
+    if n_old < vocab_size:  # tokens the tokenizer added (a pad, agents/pad_token.py) start at the mean row
         model.resize_token_embeddings(vocab_size)
+        with torch.no_grad():
+            for emb in {id(e): e for e in (model.get_input_embeddings(), model.get_output_embeddings()) if e}.values():
+                emb.weight[n_old:] = emb.weight[:n_old].mean(dim=0)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
@@ -109,16 +113,26 @@ def logprobs_and_entropy(
     flat, flat_labels = logits.reshape(B * T, V), labels.reshape(B * T)
     logps, ents = [], []
     for start in range(0, B * T, chunk):
-        rows = flat[start:start + chunk].float()
-        if temperature != 1.0:
-            rows = rows / temperature
-        logz = torch.logsumexp(rows, dim=-1)
-        logps.append(rows.gather(-1, flat_labels[start:start + chunk, None]).squeeze(-1) - logz)
-        if with_entropy:
-            p = torch.softmax(rows, dim=-1)
-            ents.append(logz - (p * rows).sum(-1))  # H = log Z - E_p[logit]
+        logp, ent = token_logprobs(flat[start:start + chunk], flat_labels[start:start + chunk], temperature,
+                                   with_entropy)
+        logps.append(logp)
+        ents.append(ent)
     logp = torch.cat(logps).view(B, T)
     return logp, (torch.cat(ents).view(B, T) if with_entropy else None)
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+                   with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The one log-softmax/entropy kernel: rows of logits (N, V) and labels (N,) -> log
+    softmax(logits / T)[label] (N,) and, with `with_entropy`, the entropy (N,), in float32."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logz = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, labels[:, None]).squeeze(-1) - logz
+    if not with_entropy:
+        return logp, None
+    return logp, logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)  # H = log Z - E_p[logit]
 
 
 def pack_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -213,16 +227,12 @@ def sequence_values(critic: Critic, input_ids, attention_mask, position_ids, pac
     return _align_next(critic(ids, mask, positions)[:, :-1], index, input_ids.shape)
 
 
-
 def _head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float,
                    with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = F.linear(hidden, weight).float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    logz = torch.logsumexp(logits, -1)
-    logp = logits.gather(-1, labels[:, None]).squeeze(-1) - logz
-    ent = logz - (torch.softmax(logits, -1) * logits).sum(-1) if with_entropy else torch.zeros_like(logp)
-    return logp, ent
+    """`token_logprobs` of one chunk of hidden states (N, D) through the LM head `weight` (V, D); the
+    entropy is zeros without `with_entropy` (checkpointed functions return tensors)."""
+    logp, ent = token_logprobs(F.linear(hidden, weight), labels, temperature, with_entropy)
+    return logp, (ent if ent is not None else torch.zeros_like(logp))
 
 
 def chunked_sequence_logprobs(

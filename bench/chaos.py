@@ -24,10 +24,15 @@ from pathlib import Path
 
 from agents.call_errors import error_kind
 from envs.atomic import write_atomic
-from envs.candidates.fault_server import FAULTS, serve_openai
-from envs.candidates.openai import OpenAIBackend
+from envs.candidates.fault_server import (
+    FAULTS,
+    audited_pool,
+    serve_openai,
+    world_answer,
+)
 from envs.candidates.pool import CandidatePool
 from envs.candidates.spec import CandidateSpec, RequestConfig
+from rewards.table import markdown_table
 
 KEY_ENV = "CHAOS_BENCH_KEY"
 KEY = "sk-chaos-bench-0123456789abcdef"
@@ -53,9 +58,7 @@ def outcome(records: list, requests: int, wall_s: float) -> dict:
 
 def one_fault(fault: str | None, n_calls: int) -> dict:
     with serve_openai(mix={fault: 1.0} if fault else None, **SERVER) as server:
-        pool = CandidatePool(SPECS, OpenAIBackend(server.base_url, **CLIENT), RequestConfig(max_tokens=MAX_TOKENS))
-        records = []
-        pool.on_record(records.append)
+        pool, records = audited_pool(SPECS, server.base_url, CLIENT, RequestConfig(max_tokens=MAX_TOKENS))
         start = time.monotonic()
         pool.call_many([(SPECS[i % 2].name, f"question {i}", "") for i in range(n_calls)])
         pool.close()
@@ -71,21 +74,15 @@ def mixed_training(steps: int, run_dir: Path) -> dict:
     import train
     from agents.config import load_config
     from agents.distributed import init_distributed
-    from envs.routeworld.candidates import answer_query
     from envs.tasks import make_task
     cfg = load_config("configs/routeworld_tiny.yaml", [
         f"run_dir={run_dir}", "device=cpu", "task.world_preset=easy", "task.n_test=32", "episode.max_turns=1",
         "episode.max_response_tokens=56", "sft.n_examples=400", "sft.epochs=8", "rollout.n_prompts=32",
         "algorithm.minibatch_size=16", f"total_steps={steps}", "eval_every=0", "save_every=0"])
     task = make_task(cfg)
-    world = task.extra["world"]
-    profiles = {p.model: p for p in world.config.candidates}
-    with serve_openai(mix={f: 0.06 for f in FAULTS}, answer=lambda model, messages: answer_query(
-            world, profiles[model], messages[-1]["content"]), **SERVER) as server:
-        task.pool = CandidatePool(task.pool.specs, OpenAIBackend(server.base_url, **CLIENT),
-                                  RequestConfig(template="{query}", max_tokens=MAX_TOKENS))
-        records = []
-        task.pool.on_record(records.append)
+    with serve_openai(mix={f: 0.06 for f in FAULTS}, answer=world_answer(task.extra["world"]), **SERVER) as server:
+        task.pool, records = audited_pool(task.pool.specs, server.base_url, CLIENT,
+                                          RequestConfig(template="{query}", max_tokens=MAX_TOKENS))
         start = time.monotonic()
         try:
             train.train(cfg, task, init_distributed("cpu"), run_dir, resume=False)
@@ -136,14 +133,15 @@ def mixed_evaluation(n_questions: int, out: Path) -> dict:
 
 
 def table(rows: dict[str, dict]) -> str:
-    lines = ["| fault | calls | requests / attempts | failed (kind) | slowest call s | charged µ$ | max tokens | cut | key leaked |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    body = []
     for name, r in rows.items():
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(r.get("error_kinds", {}).items()))
-        lines.append(f"| {name} | {r['calls']} | {r['requests']} / {r.get('attempts', '-')} | {r['failed']}"
-                     f"{f' ({kinds})' if kinds else ''} | {r.get('slowest_call_s', 0):.2f} | {r.get('charged', 0):.2f} | "
-                     f"{r.get('max_completion_tokens', '-')} | {r.get('replies_cut', '-')} | {r['key_leaked']} |")
-    return "\n".join(lines)
+        body.append([name, r["calls"], f"{r['requests']} / {r.get('attempts', '-')}",
+                     f"{r['failed']}{f' ({kinds})' if kinds else ''}", f"{r.get('slowest_call_s', 0):.2f}",
+                     f"{r.get('charged', 0):.2f}", r.get("max_completion_tokens", "-"), r.get("replies_cut", "-"),
+                     r["key_leaked"]])
+    return markdown_table(["fault", "calls", "requests / attempts", "failed (kind)", "slowest call s", "charged µ$",
+                           "max tokens", "cut", "key leaked"], body)
 
 
 def main(argv=None) -> dict:

@@ -26,6 +26,7 @@ import numpy as np
 
 from envs.atomic import write_atomic
 from rewards.metrics import aiq
+from rewards.table import markdown_table
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "routeworld_tiny.yaml"
@@ -121,14 +122,13 @@ def shared_aiq(curve_points: dict[str, list]) -> tuple[dict[str, float], tuple[f
 def markdown(table: dict, aiqs: dict | None, cost_range: tuple | None, n_seeds: int) -> str:
     lines = [f"Held-out RouteWorld test questions, mean ± sd over {n_seeds} seeds (each its own world).", ""]
     for setting, rows in table.items():
-        lines += [f"### {setting}", "", "| router | EM | raw cost | reward | format err |", "|---|---|---|---|---|"]
-        for name, m in rows.items():
-            cells = [f"{m[k][0]:.3f} ± {m[k][1]:.3f}" if k in m else "-" for k in ("em", "raw_cost", "reward", "format_error")]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines.append("")
+        keys = ("em", "raw_cost", "reward", "format_error")
+        lines += [f"### {setting}", "", markdown_table(
+            ["router", "EM", "raw cost", "reward", "format err"],
+            [[name] + [f"{m[k][0]:.3f} ± {m[k][1]:.3f}" if k in m else "-" for k in keys] for name, m in rows.items()]), ""]
     if aiqs:
         lines += [f"AIQ over the shared cost range [{cost_range[0]:.2f}, {cost_range[1]:.2f}] micro-$:", "",
-                  "| curve | AIQ |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in aiqs.items()]
+                  markdown_table(["curve", "AIQ"], [[k, f"{v:.3f}"] for k, v in aiqs.items()])]
     return "\n".join(lines) + "\n"
 
 

@@ -1,5 +1,6 @@
-"""Tasks the trainer runs: their train/test questions, candidate pool, tokenizer (when the task has its
-own), the scripted warm-start agent, and reference rows for the final table."""
+"""The one task type of train.py and evaluate.py: train/test questions, candidate pool, tokenizer (when
+the task has its own), the scripted warm-start agent, reference rows for the final table, and the
+training split's per-candidate outcomes that learned routers fit on."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from envs.prompts import build_prompt
 
 @dataclass
 class Task:
+    """What a run plays: questions are dicts {"id", "question", "golden_answers", "dataset", ...}."""
+
     name: str
-    train: list
+    train: list  # training questions (empty where the task knows them only as outcomes: llmrouter)
     test: list
     pool: CandidatePool
     tokenizer: object | None = None  # the task's own tokenizer (RouteWorld); None: the model's
@@ -24,6 +27,9 @@ class Task:
     references: Callable | None = None  # references(alpha, normalizer) -> {row name: scripted turn}
     val: list = field(default_factory=list)  # model-selection questions (empty: none held out for it)
     extra: dict = field(default_factory=dict)
+    # () -> agents.routers.outcomes.OutcomeData of the training split, for learned routers (evaluate.py);
+    # None: the task has none
+    train_outcomes: Callable | None = None
 
 
 def make_routeworld_task(world_overrides: dict, n_test: int, max_turns: int, prompt_template: str,

@@ -12,6 +12,7 @@ import yaml
 from tiny import tiny_qwen, tiny_tokenizer
 
 import evaluate
+from agents.config import load_dataclass
 from agents.routers import make_router
 from envs.episode import EpisodeConfig
 from rewards.metrics import apgr
@@ -93,7 +94,15 @@ def test_unknown_router_stops_before_anything_is_written(tmp_path, small_file):
 
 def test_unknown_config_key_is_an_error(tmp_path, small_file):
     with pytest.raises(ValueError, match="unknown config key"):
-        evaluate.load_eval_config(config(tmp_path, small_file), ["routers.nope=1"])
+        load_dataclass(evaluate.EvalConfig, config(tmp_path, small_file), ["routers.nope=1"])
+
+
+def test_an_eval_config_extends_its_parent(tmp_path, small_file):
+    """evaluate.py reads configs with train.py's loader: `extends:` is merged under the child's keys."""
+    config(tmp_path, small_file)  # eval.yaml, the parent
+    (tmp_path / "child.yaml").write_text("extends: eval.yaml\nbootstrap_resamples: 7\n")
+    cfg = load_dataclass(evaluate.EvalConfig, tmp_path / "child.yaml", ["seed=3"])
+    assert (cfg.task, cfg.bootstrap_resamples, cfg.seed, cfg.episode.max_response_tokens) == ("qa", 7, 3, 4096)
 
 
 def test_a_two_model_pool_reports_each_routers_apgr_and_cpt(tmp_path):

@@ -205,6 +205,25 @@ def serve_openai(**options) -> Iterator[FakeOpenAIServer]:
         thread.join(timeout=5)
 
 
+def audited_pool(specs, base_url: str, client: Mapping, request) -> tuple:
+    """A pool of `specs` over the OpenAI-compatible server at `base_url` (`client`: OpenAIBackend
+    options, `request`: its RequestConfig), and the list that receives every call record it makes."""
+    from envs.candidates.openai import OpenAIBackend
+    from envs.candidates.pool import CandidatePool
+    pool = CandidatePool(specs, OpenAIBackend(base_url, **client), request)
+    records: list = []
+    pool.on_record(records.append)
+    return pool, records
+
+
+def world_answer(world) -> Callable[[str, list[dict]], str]:
+    """An `answer` that serves a RouteWorld's simulated candidates over HTTP: the candidate whose
+    model id the request names answers the last message, as its in-process responder would."""
+    from envs.routeworld.candidates import answer_query
+    profiles = {p.model: p for p in world.config.candidates}
+    return lambda model, messages: answer_query(world, profiles[model], messages[-1]["content"])
+
+
 def closed_port_url() -> str:
     """A loopback URL on which nothing listens (the port was bound, then released)."""
     with socket.socket() as s:
