@@ -25,7 +25,7 @@ from agents.config import load_dataclass
 from agents.routers import LLMRouter, RouterContext, RouterOptions, make_router, parse_router_spec
 from agents.routers.base import Answerer
 from agents.routers.outcomes import from_calls, from_replay_table
-from envs.atomic import write_atomic
+from envs.atomic import write_atomic, write_text_atomic
 from envs.episode import EpisodeConfig
 from envs.routeworld import extract_reply_answer
 from envs.tasks import Task
@@ -266,10 +266,6 @@ def curve_metrics(points: list[dict], c_max: float, two: tuple[str, str, float, 
 # ---------------------------------------------------------------------------------------------------
 # Writing results (temp file + rename)
 
-def _write_text(path: Path, text: str) -> None:
-    write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
 def results_table(rows: list[dict], datasets: list[str], curves: dict[str, dict]) -> str:
     """Routers as rows, datasets as columns (EM), then the overall EM with its 95% CI and the costs,
     as in the Router-R1 paper's tables; a second table gives each router curve's AIQ and RS."""
@@ -329,9 +325,9 @@ def write_results(out: Path, result: dict, rows: list[dict], table: str) -> None
             extra = {"em_ci_low": m["em_ci"][0], "em_ci_high": m["em_ci"][1],
                      "routing_score": m.get("routing_score", "")} if ds == "overall" else {}
             writer.writerow({"router": r["router"], "setting": r["setting"], "dataset": ds, **s, **extra})
-    _write_text(out / "results.json", json.dumps(result, indent=2, default=float))
-    _write_text(out / "results.csv", buf.getvalue())
-    _write_text(out / "results.md", table)
+    write_text_atomic(out / "results.json", json.dumps(result, indent=2, default=float))
+    write_text_atomic(out / "results.csv", buf.getvalue())
+    write_text_atomic(out / "results.md", table)
     plot_pareto(out / "pareto.png", rows)
 
 

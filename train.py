@@ -27,7 +27,7 @@ from agents.pad_token import ensure_pad_token, generation_eos
 from agents.policy import build_actor
 from agents.sft import play_scripted, replay_turns, sft_train, trajectories_from_jsonl
 from agents.trainer import MetricsLogger, Trainer, complete_checkpoints, latest_checkpoint
-from envs.atomic import write_atomic
+from envs.atomic import write_atomic, write_text_atomic
 from envs.candidates.pool import CandidatePool
 from envs.candidates.simulated import SimulatedBackend
 from envs.prompts import build_prompt
@@ -190,8 +190,8 @@ def write_report(run_dir: Path, rows: dict[str, dict], metrics_path: Path) -> st
             ("eval/calls", "calls/q"), ("eval/call_error_rate", "call err"), ("eval/reward", "reward")]
     table = markdown_table(["router"] + [c for _, c in cols],
                            [[name] + [f"{m[k]:.3f}" if k in m else "-" for k, _ in cols] for name, m in rows.items()])
-    (run_dir / "results.md").write_text(table + "\n")
-    write_atomic(run_dir / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=2)))
+    write_text_atomic(run_dir / "results.md", table + "\n")
+    write_text_atomic(run_dir / "results.json", json.dumps(rows, indent=2))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

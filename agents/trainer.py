@@ -46,7 +46,7 @@ from agents.policy import (
     sequence_values,
 )
 from agents.rollout import ForcedSchedule, run_rollouts
-from envs.atomic import write_atomic
+from envs.atomic import write_text_atomic
 from envs.episode import episode_prompts
 from envs.vector import MultiRouteVectorEnv
 from rewards import make_cost_normalizer
@@ -544,4 +544,4 @@ def _keep_lines_up_to(path: Path, step: int) -> None:
     records = [(line, json.loads(line)) for line in lines if line.strip()]
     keep = [line for line, r in records if r.get("step", 0) <= step and not r.get("final")]
     if len(keep) < len(lines):
-        write_atomic(path, lambda tmp: Path(tmp).write_text("".join(keep)))
+        write_text_atomic(path, "".join(keep))

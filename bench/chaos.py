@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 from agents.call_errors import error_kind
-from envs.atomic import write_atomic
+from envs.atomic import write_text_atomic
 from envs.candidates.fault_server import (
     FAULTS,
     audited_pool,
@@ -163,8 +163,8 @@ def main(argv=None) -> dict:
     for name in ("mix: training", "mix: evaluation"):
         print(f"{name}: wall {rows[name]['wall_s']:.1f}s, failed-call rate "
               f"{rows[name].get('train_call_error_rate', rows[name].get('call_error_rate'))}")
-    write_atomic(out / "chaos.json", lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=1)))
-    write_atomic(out / "chaos.md", lambda tmp: Path(tmp).write_text(text + "\n"))
+    write_text_atomic(out / "chaos.json", json.dumps(rows, indent=1))
+    write_text_atomic(out / "chaos.md", text + "\n")
     return rows
 
 

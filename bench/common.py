@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from envs.atomic import write_atomic
+from envs.atomic import write_text_atomic
 from envs.bpe import byte_level_bpe
 
 # Scratch results go to an ignored folder; a run that README or bench/README.md cites is copied into
@@ -99,7 +99,7 @@ def write_results(kind: str, payload: dict) -> Path:
     path = RESULTS / f"{kind}_{tag}_{date}.json"
     payload = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "torch": torch.__version__, "date": date, **payload}
-    write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2)))
+    write_text_atomic(path, json.dumps(payload, indent=2))
     out = os.environ.get("OUT")  # the device tool brings this folder back
     if out:
         Path(out, path.name).write_text(json.dumps(payload, indent=2))

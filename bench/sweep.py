@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from envs.atomic import write_atomic
+from envs.atomic import write_atomic, write_text_atomic
 from rewards.metrics import aiq
 from rewards.table import markdown_table
 
@@ -184,7 +184,7 @@ def main(argv=None) -> dict:
               "aiq": aiqs, "cost_range": cost_range}
     stem = "estimators" if len(estimators) > 1 else "sweep"
     for name, body in ((f"{stem}.json", json.dumps(result, indent=2)), (f"{stem}.md", text)):
-        write_atomic(out / name, lambda tmp, body=body: Path(tmp).write_text(body))
+        write_text_atomic(out / name, body)
     print(text)
     return result
 
