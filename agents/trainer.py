@@ -46,6 +46,7 @@ from agents.policy import (
     sequence_values,
 )
 from agents.rollout import ForcedSchedule, run_rollouts
+from agents.routing_settings import RoutingSettings, save_routing_settings
 from envs.atomic import write_text_atomic
 from envs.episode import episode_prompts
 from envs.vector import MultiRouteVectorEnv
@@ -399,8 +400,9 @@ class Trainer:
 
         `actor/` and `critic/` hold the engines (weights and optimizer state; DeepSpeed checkpoints,
         written by every rank, under DeepSpeed); `policy/` is the consolidated policy that
-        transformers loads directly. The frozen reference is rebuilt from the same starting weights on
-        resume, so it is not saved. All ranks call this and agree on the temp path.
+        transformers loads directly, with `routing.json` (agents.routing_settings) beside it. The frozen
+        reference is rebuilt from the same starting weights on resume, so it is not saved. All ranks
+        call this and agree on the temp path.
         """
         d = self.dist
         ckpt_root = self.run_dir / "checkpoints"
@@ -418,6 +420,7 @@ class Trainer:
             policy = self.m.actor_engine.module
             policy.save_pretrained(tmp / "policy", state_dict=weights, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp / "policy")
+            save_routing_settings(tmp / "policy", RoutingSettings.from_episode(self.cfg.episode, self.task.pool.specs))
             state = {
                 "step": self.step, "best_eval": self.best_eval,
                 "kl_ctl": self.kl_ctl.state_dict(),

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import weakref
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 from tokenizers.decoders import DecodeStream
 
 from envs.candidates.pool import CandidatePool
 from envs.candidates.spec import CallRecord
+from envs.conditioning import check_spec, is_sampled
 from envs.prompts import build_prompt, prompt_token_ids
 from rewards import RewardBreakdown, compute_reward
 from rewards.cost import CostNormalizer
@@ -26,12 +27,16 @@ NO_CALLS_LEFT = "no calls remain; answer now"
 
 @dataclass
 class EpisodeConfig:
-    """Limits and reward settings of an episode."""
+    """Limits and reward settings of an episode. `alpha` and `max_cost` are a number, a set to sample
+    from (`{sample: [...]}`) or a range (`{low: .., high: ..}`): a sampled one is drawn per prompt
+    (`envs.conditioning.draw`) and stated in the prompt, so one policy learns every trade-off."""
 
     max_turns: int = 4  # <search> blocks that get a real call; later ones get NO_CALLS_LEFT
     max_response_tokens: int = 512  # policy tokens; reaching it ends the episode (format penalty)
     max_info_tokens: int = 256  # a reply is truncated to about this many tokens before insertion
-    alpha: float = 0.0  # quality/cost trade-off of the reward (Router-R1 eq. 6)
+    alpha: float | dict = 0.0  # quality/cost trade-off of the reward (Router-R1 eq. 6), or its sample set/range
+    max_cost: float | dict | None = None  # micro-dollars a question may spend on calls (None: no cap), or its set/range
+    min_reply_tokens: int = 4  # under a cap, a call whose budget buys fewer reply tokens is refused
     metric: str = "em"  # outcome metric: "em" or "f1"
     prompt_template: str = "router_r1"  # a name in envs.prompts.TEMPLATES or a format string
 
@@ -42,10 +47,29 @@ class EpisodeConfig:
             raise ValueError(f"max_response_tokens must be >= 1, got {self.max_response_tokens}")
         if self.max_info_tokens < 1:
             raise ValueError(f"max_info_tokens must be >= 1, got {self.max_info_tokens}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must lie in [0, 1], got alpha={self.alpha}")
+        if self.min_reply_tokens < 1:
+            raise ValueError(f"episode.min_reply_tokens must be >= 1, got {self.min_reply_tokens}")
+        check_spec("episode.alpha", self.alpha, unit=True)
+        if self.max_cost is not None:
+            check_spec("episode.max_cost", self.max_cost, unit=False)
         if self.metric not in ("em", "f1"):
             raise ValueError(f"metric must be 'em' or 'f1', got {self.metric!r}")
+
+    @property
+    def conditioned(self) -> bool:
+        """Alpha is given per question (sampled): the prompt states it."""
+        return is_sampled(self.alpha)
+
+    def pinned(self, alpha: float | None = None, max_cost: float | None = None) -> "EpisodeConfig":
+        """These settings with alpha (and, when given, the cap) fixed at one value, e.g. to evaluate a
+        conditioned policy at one point of its curve. A conditioned alpha stays a one-value sample set,
+        so the prompt still states it."""
+        out = self
+        if alpha is not None:
+            out = replace(out, alpha={"sample": [float(alpha)]} if self.conditioned else float(alpha))
+        if max_cost is not None:
+            out = replace(out, max_cost=float(max_cost))
+        return out
 
 
 def _backend_tokenizer(tokenizer):

@@ -32,14 +32,19 @@ class Task:
     train_outcomes: Callable | None = None
 
 
+def routeworld_world(world_overrides: dict, preset: str = "default"):
+    """The RouteWorld of a config: the preset's WorldConfig with `world_overrides` applied."""
+    import dataclasses
+    from envs.routeworld import WorldConfig, easy_world_config, make_world
+    base = easy_world_config() if preset == "easy" else WorldConfig()
+    return make_world(dataclasses.replace(base, **world_overrides))
+
+
 def make_routeworld_task(world_overrides: dict, n_test: int, max_turns: int, prompt_template: str,
                          preset: str = "default") -> Task:
-    import dataclasses
-    from envs.routeworld import (WorldConfig, easy_world_config, extract_reply_answer, make_world,
-                                 make_world_tokenizer, routeworld_pool, scripted_turn)
+    from envs.routeworld import extract_reply_answer, make_world_tokenizer, routeworld_pool, scripted_turn
     from envs.chunks import answer_chunk, call_chunk
-    base = easy_world_config() if preset == "easy" else WorldConfig()
-    world = make_world(dataclasses.replace(base, **world_overrides))
+    world = routeworld_world(world_overrides, preset)
     pool = routeworld_pool(world)
     train, val, test = world.questions("train"), world.questions("val"), world.questions("test")[:n_test]
     prompts = [build_prompt(q["question"], pool.specs, prompt_template, max_turns) for q in train[:200]]
