@@ -24,9 +24,12 @@ from agents.call_errors import CallFailureAbort, first_error
 from agents.config import load_dataclass
 from agents.routers import LLMRouter, RouterContext, RouterOptions, make_router, parse_router_spec
 from agents.routers.base import Answerer
+from agents.routers.llm import PolicyRouter
+from agents.routing_settings import load_routing_settings
 from agents.routers.outcomes import from_calls, from_replay_table
 from envs.atomic import write_atomic, write_text_atomic
-from envs.episode import EpisodeConfig
+from envs.conditioning import check_spec, is_sampled
+from envs.episode import EpisodeConfig, with_conditions
 from envs.routeworld import extract_reply_answer
 from envs.tasks import Task
 from rewards import exact_match, extract_answer, f1_score, make_cost_normalizer
@@ -48,6 +51,10 @@ class EvalConfig:
     world_preset: str = "default"  # routeworld: default | easy (envs.routeworld.easy_world_config)
     max_questions: int | None = None  # keep the first N test questions (None: all)
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
+    # where each trained policy (policy:DIR) is played: one point per alpha x max_cost, tracing a
+    # conditioned policy's curve (empty: episode.alpha, and the cap the policy was trained with)
+    alphas: list = field(default_factory=list)
+    max_costs: list = field(default_factory=list)
     cost_normalizer: str = "budget"  # the frozen normalizer of the reward's cost score (rewards.make_cost_normalizer)
     cost_options: dict = field(default_factory=lambda: {"budget": 150.0})
     routers: RouterOptions = field(default_factory=RouterOptions)
@@ -68,6 +75,9 @@ class EvalConfig:
             raise ValueError(f"max_questions must be >= 1 or null, got {self.max_questions}")
         if self.router_price_per_1m < 0 or self.batch_size < 1 or self.bootstrap_resamples < 1:
             raise ValueError("router_price_per_1m must be >= 0, batch_size and bootstrap_resamples >= 1")
+        for key, unit in (("alphas", True), ("max_costs", False)):
+            for i, value in enumerate(getattr(self, key)):
+                check_spec(f"{key}[{i}]", value, unit)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -204,23 +214,47 @@ def play_scripted_router(router, setting, cfg: EvalConfig, task: Task, ctx: Rout
     golden = [q["golden_answers"] for q in task.test] if router.needs_golden else None
     ctx.answerer.reset()
     turn = router.turn_fn(questions, setting, golden)
-    examples = [{**q, "index": i} for i, q in enumerate(task.test)]
+    examples = with_conditions([{**q, "index": i} for i, q in enumerate(task.test)], episode_cfg, cfg.seed, "eval")
     play_scripted(env, examples, lambda ex, replies, r, names: turn(ex["index"], replies, r), rng,
                   max_chunks=episode_cfg.max_turns + 2)
     return [_record(router.name_spec, setting.label, q, s, ctx.answerer.tokens.get(i, 0), cfg.router_price_per_1m)
             for i, (q, (_, s)) in enumerate(zip(task.test, env.finish(normalizer)))]
 
 
-def play_llm_router(router: LLMRouter, cfg: EvalConfig, task: Task, normalizer, bar) -> list[dict]:
-    """Greedy rollouts of the router's model in batches of `cfg.batch_size`; the model's prompt and
-    every token of its response (its own and the inserted replies it reads) are charged to full cost."""
+def policy_points(router: LLMRouter, cfg: EvalConfig, task: Task) -> list[tuple[str, EpisodeConfig]]:
+    """(setting label, episode settings) of each point an LLM router is played at. A trained policy
+    (policy:DIR) is played as its routing settings say (policy/routing.json: prompt, limits; a pool
+    other than the trained one is refused) at each of `alphas` x `max_costs`, warning outside the
+    trained range; other LLM routers once, with the evaluation's episode settings."""
+    if not isinstance(router, PolicyRouter):
+        return [("", router.episode_config(cfg.episode))]
+    settings = load_routing_settings(router.path)
+    try:
+        settings.check_pool(task.pool.specs)
+    except ValueError as e:
+        raise ValueError(f"policy:{router.path}: {e}") from None
+    alpha = cfg.episode.alpha if not is_sampled(cfg.episode.alpha) else None
+    points = []
+    for a in cfg.alphas or [alpha]:
+        for c in cfg.max_costs or [None]:
+            label = ", ".join(([f"alpha={a:g}"] if cfg.alphas else []) + ([f"max_cost={c:g}"] if c is not None else []))
+            points.append((label, settings.episode_config(alpha=a, max_cost=c)))
+    return points
+
+
+def play_llm_router(router: LLMRouter, cfg: EvalConfig, task: Task, normalizer, bar,
+                    episode: EpisodeConfig) -> list[dict]:
+    """Greedy rollouts of the router's model under `episode` in batches of `cfg.batch_size` (a sampled
+    alpha or cap drawn per question); the model's prompt and every token of its response (its own and
+    the inserted replies it reads) are charged to full cost."""
     from agents.rollout import run_rollouts
     from envs.vector import MultiRouteVectorEnv
     model, tokenizer = router.load(cfg.device)
-    env = MultiRouteVectorEnv(tokenizer, task.pool, router.episode_config(cfg.episode))
+    env = MultiRouteVectorEnv(tokenizer, task.pool, episode)
     records = []
+    questions = with_conditions(task.test, episode, cfg.seed, "eval")
     for start in range(0, len(task.test), cfg.batch_size):
-        batch = task.test[start:start + cfg.batch_size]
+        batch = questions[start:start + cfg.batch_size]
         run_rollouts(model, env, batch, 0.0, 1.0, cfg.seed, 0, tokenizer.pad_token_id, index_offset=start)
         for q, e, (_, s) in zip(batch, env.episodes, env.finish(normalizer)):
             own = len(e.prompt_ids) + len(e.response_ids)
@@ -247,11 +281,13 @@ def point_metrics(records: list[dict], cfg: EvalConfig, bounds_costs: tuple[floa
     return out
 
 
-def curve_metrics(points: list[dict], c_max: float, two: tuple[str, str, float, float] | None) -> dict:
-    """AIQ of a router's (cost, EM) points up to `c_max`; with two candidates (weak, strong, their EMs)
-    also APGR and CPT(50%) over the share of questions that called the strong one."""
+def curve_metrics(points: list[dict], cost_range: tuple[float, float],
+                  two: tuple[str, str, float, float] | None) -> dict:
+    """AIQ of a router's (cost, EM) points over the shared `cost_range` (the smallest and largest cost
+    of every router, so curves compare); with two candidates (weak, strong, their EMs) also APGR and
+    CPT(50%) over the share of questions that called the strong one."""
     pts = [(p["raw_cost"], p["em"]) for p in points]
-    out = {"aiq": aiq(pts, c_max=max(c_max, min(c for c, _ in pts)))}
+    out = {"aiq": aiq(pts, c_min=cost_range[0], c_max=cost_range[1])}
     if two is not None:
         weak, strong, weak_em, strong_em = two
         pcts = [100.0 * p["strong_share"] for p in points]
@@ -382,6 +418,8 @@ def _evaluate(cfg: EvalConfig, specs: Sequence[str], out: Path, task: Task) -> d
         router = make_router(s, ctx)
         router.name_spec = s
         routers.append(router)
+    # each LLM router's points (a trained policy's routing settings read and its pool checked first)
+    points = {k: policy_points(r, cfg, task) for k, r in enumerate(routers) if isinstance(r, LLMRouter)}
     normalizer = make_cost_normalizer(cfg.cost_normalizer, **cfg.cost_options)
 
     matrix, bounds, bounds_costs = None, None, None
@@ -398,14 +436,16 @@ def _evaluate(cfg: EvalConfig, specs: Sequence[str], out: Path, task: Task) -> d
         two = (names[weak], names[strong], float(matrix.quality[:, weak].mean()), float(matrix.quality[:, strong].mean()))
 
     rows = []
-    total = sum(len(r.settings()) if not isinstance(r, LLMRouter) else 1 for r in routers)
+    total = sum(len(r.settings()) if not isinstance(r, LLMRouter) else len(points[k]) for k, r in enumerate(routers))
     bar = tqdm(total=total, desc="routers", dynamic_ncols=True)
     for k, router in enumerate(routers):
         bar.set_postfix(router=router.name_spec)
         if isinstance(router, LLMRouter):
-            inner = tqdm(total=len(task.test), desc=router.name_spec, leave=False, dynamic_ncols=True)
-            runs = [("", play_llm_router(router, cfg, task, normalizer, inner))]
-            inner.close()
+            runs = []
+            for label, episode in points[k]:
+                inner = tqdm(total=len(task.test), desc=f"{router.name_spec} {label}", leave=False, dynamic_ncols=True)
+                runs.append((label, play_llm_router(router, cfg, task, normalizer, inner, episode)))
+                inner.close()
         else:
             router.fit()
             runs = []
@@ -421,15 +461,15 @@ def _evaluate(cfg: EvalConfig, specs: Sequence[str], out: Path, task: Task) -> d
                          "metrics": metrics, "strong_share": share,
                          "first_error": next((r["first_error"] for r in records if r["first_error"]), None)})
         if isinstance(router, LLMRouter):
-            bar.update(1)
+            bar.update(len(runs))
     bar.close()
 
-    c_max = max(r["metrics"]["by_dataset"]["overall"]["raw_cost"] for r in rows)
+    costs = [r["metrics"]["by_dataset"]["overall"]["raw_cost"] for r in rows]
     curves = {}
     for spec in specs:
         pts = [{**r["metrics"]["by_dataset"]["overall"], "strong_share": r["strong_share"]}
                for r in rows if r["router"] == spec]
-        curves[spec] = {"points": len(pts), **curve_metrics(pts, c_max, two)}
+        curves[spec] = {"points": len(pts), **curve_metrics(pts, (min(costs), max(costs)), two)}
     datasets = sorted({d for r in rows for d in r["metrics"]["by_dataset"] if d != "overall"})
     table = results_table(rows, datasets, curves)
     if bounds is not None:
@@ -437,6 +477,7 @@ def _evaluate(cfg: EvalConfig, specs: Sequence[str], out: Path, task: Task) -> d
                   f"quality-only {bounds['quality_only']:.3f} (costs scaled over [{bounds_costs[0]:.1f}, "
                   f"{bounds_costs[1]:.1f}] micro-$).\n")
     result = {"config": asdict(cfg), "routers": specs, "n_questions": len(task.test), "datasets": datasets,
+              "cost_range": [min(costs), max(costs)],
               "rows": rows, "curves": curves, "routing_score_bounds": bounds, "two_model": two,
               "answer_mode": answer_mode,
               "features": ctx._featurizer.name if ctx._featurizer is not None else None}

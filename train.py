@@ -30,6 +30,8 @@ from agents.trainer import MetricsLogger, Trainer, complete_checkpoints, latest_
 from envs.atomic import write_atomic, write_text_atomic
 from envs.candidates.pool import CandidatePool
 from envs.candidates.simulated import SimulatedBackend
+from envs.conditioning import spec_range
+from envs.episode import EpisodeConfig, with_conditions
 from envs.prompts import build_prompt
 from envs.tasks import make_task, seeded_rng
 from envs.vector import MultiRouteVectorEnv
@@ -61,7 +63,7 @@ def run_sft(cfg: TrainConfig, task, tokenizer, actor, dist_) -> None:
         script = task.script
     else:
         examples, script, rng = trajectories_from_jsonl(cfg.sft.source), replay_turns, seeded_rng(cfg.seed, 1)
-    examples = examples[dist_.rank::dist_.world_size]
+    examples = with_conditions(examples, cfg.episode, cfg.seed, "sft")[dist_.rank::dist_.world_size]
     episodes, monitor = [], CallFailureMonitor(cfg.calls)
     for start in range(0, len(examples), 256):
         played = play_scripted(env, examples[start:start + 256], script, rng)
@@ -76,32 +78,42 @@ def run_sft(cfg: TrainConfig, task, tokenizer, actor, dist_) -> None:
              losses[0], losses[-1], time.perf_counter() - t0)
 
 
-def reference_rows(cfg: TrainConfig, task, tokenizer, normalizer) -> dict[str, dict]:
+def report_points(cfg: TrainConfig) -> list[tuple[str, EpisodeConfig, float]]:
+    """(row-name suffix, episode settings, alpha) of each point the final table reports: the run's own
+    alpha, or for a conditioned policy each of `report_alphas`, stated in the prompt."""
+    if not cfg.episode.conditioned:
+        return [("", cfg.episode, cfg.episode.alpha)]
+    return [(f" (alpha {a:g})", cfg.episode.pinned(a), float(a)) for a in cfg.report_alphas]
+
+
+def reference_rows(cfg: TrainConfig, task, tokenizer, normalizer, episode: EpisodeConfig,
+                   alpha: float) -> dict[str, dict]:
     """The task's scripted reference routers (each candidate asked the whole question, the oracle
-    plan), played in the env on the test questions, so they are measured like the policy: the same
-    `episode_metrics` (response tokens, calls per candidate) and the trained normalizer. (evaluate.py's
-    `fixed:<name>` router writes another thought before its call and scores with a frozen normalizer,
-    so its rows would not equal these.)"""
+    plan at `alpha`), played in the env on the test questions, so they are measured like the policy:
+    the same `episode_metrics` (response tokens, calls per candidate) and the trained normalizer.
+    (evaluate.py's `fixed:<name>` router writes another thought before its call and scores with a
+    frozen normalizer, so its rows would not equal these.)"""
     from agents.trainer import episode_metrics
     rows = {}
-    for name, script in task.references(cfg.episode.alpha, normalizer).items():
-        env = MultiRouteVectorEnv(tokenizer, task.pool, cfg.episode)
-        play_scripted(env, task.test, script, seeded_rng(cfg.seed, 2))
+    for name, script in task.references(alpha, normalizer).items():
+        env = MultiRouteVectorEnv(tokenizer, task.pool, episode)
+        play_scripted(env, with_conditions(task.test, episode, cfg.seed, "eval"), script, seeded_rng(cfg.seed, 2))
         rows[name] = episode_metrics([s for _, s in env.finish(normalizer)], "eval")
     return rows
 
 
-def single_round_rows(cfg: TrainConfig, run_dir: Path) -> dict[str, dict]:
+def single_round_rows(cfg: TrainConfig, run_dir: Path, episode: EpisodeConfig,
+                      out: str = "single_round") -> dict[str, dict]:
     """knn, mlp and mf trained on the training split's per-candidate outcomes and played in the same
     env on the same test questions (evaluate.py's routers); the row is the best point of their lambda
-    grids by reward at the run's alpha. Their full table is in `run_dir/single_round/`."""
+    grids by reward under `episode`'s alpha. Their full table is in `run_dir/<out>/`."""
     import evaluate
     from agents.routers import RouterOptions
     ecfg = evaluate.EvalConfig(task="routeworld", world=cfg.task.world, world_preset=cfg.task.world_preset,
-                               max_questions=cfg.task.n_test, episode=cfg.episode,
+                               max_questions=cfg.task.n_test, episode=episode,
                                cost_normalizer=cfg.cost.normalizer, cost_options=cfg.cost.options,
                                routers=RouterOptions(features="tfidf"), outcome_matrix=False, seed=cfg.seed)
-    result = evaluate.evaluate_routers(ecfg, ["knn", "mlp", "mf"], run_dir / "single_round")
+    result = evaluate.evaluate_routers(ecfg, ["knn", "mlp", "mf"], run_dir / out)
     best = max(result["rows"], key=lambda r: r["metrics"]["reward"])
     o = best["metrics"]["by_dataset"]["overall"]
     return {f"best single-round: {best['name']}": {
@@ -121,7 +133,9 @@ def check_prompt_lengths(cfg: TrainConfig, task, tokenizer) -> None:
         context = cfg.model.init.get("max_position_embeddings", 2048)
     e = cfg.episode
     budget = context - e.max_response_tokens - e.max_turns * (e.max_info_tokens + 8)
-    base = len(tokenizer.encode(build_prompt("?", task.pool.specs, e.prompt_template, e.max_turns),
+    alpha = 0.55 if e.conditioned else None  # stated in a conditioned or capped prompt
+    cap = spec_range(e.max_cost)[1] + 0.55 if e.max_cost is not None else None
+    base = len(tokenizer.encode(build_prompt("?", task.pool.specs, e.prompt_template, e.max_turns, alpha, cap),
                                 add_special_tokens=False))
     for split, rows in (("train", task.train), ("val", task.val), ("test", task.test)):
         lengths = [len(ids) for ids in tokenizer([q["question"] for q in rows], add_special_tokens=False)["input_ids"]]
@@ -267,13 +281,15 @@ def train(cfg: TrainConfig, task, dist_, run_dir: Path, resume: bool) -> dict:
         load_newest_intact(trainer, run_dir)
     logger = MetricsLogger(run_dir, dist_.is_main, cfg.wandb, redacted(cfg),
                            resume_step=trainer.step if resume_from is not None else None)
+    start, points = "SFT start" if cfg.sft.enabled else "start", report_points(cfg)
     if sft_eval_path.exists():
-        rows["SFT start" if cfg.sft.enabled else "start"] = json.loads(sft_eval_path.read_text())
+        saved = json.loads(sft_eval_path.read_text())
+        rows.update({start: saved} if "eval/reward" in saved else saved)  # a run before issue 26 saved one row
     else:
-        start_metrics, _ = trainer.evaluate(task.test)
-        rows["SFT start" if cfg.sft.enabled else "start"] = start_metrics
+        start_rows = {start + suffix: trainer.evaluate(task.test, episode=ep)[0] for suffix, ep, _ in points}
+        rows.update(start_rows)
         if dist_.is_main:
-            sft_eval_path.write_text(json.dumps(start_metrics))
+            write_text_atomic(sft_eval_path, json.dumps(start_rows))
 
     bar = tqdm(total=cfg.total_steps, initial=trainer.step, disable=not dist_.is_main, desc="PPO", dynamic_ncols=True)
     while trainer.step < cfg.total_steps:
@@ -300,7 +316,8 @@ def train(cfg: TrainConfig, task, dist_, run_dir: Path, resume: bool) -> dict:
         trainer.best_eval = val["val/reward"]
         trainer.save("best")
     chosen_step = trainer.step
-    rows["trained policy"], _ = trainer.evaluate(task.test)  # test figures, once, for the chosen checkpoint
+    for suffix, ep, _ in points:  # test figures, once, for the chosen checkpoint
+        rows["trained policy" + suffix], _ = trainer.evaluate(task.test, episode=ep)
     train_sample = [task.train[int(i)] for i in seeded_rng(cfg.seed, 3).permutation(len(task.train))[:144]]
     rows["trained policy on 144 train questions"], _ = trainer.evaluate(train_sample)
     silent = unknowing_pool(task.pool)
@@ -309,12 +326,16 @@ def train(cfg: TrainConfig, task, dist_, run_dir: Path, resume: bool) -> dict:
     finally:
         silent.close()
     logger.log(last_step, {**val, "final": True, "chosen_step": chosen_step,
-                           **{k.replace("eval/", "test/"): v for k, v in rows["trained policy"].items()}})
+                           **{k.replace("eval/", "test/"): v for k, v in rows["trained policy" + points[0][0]].items()}})
     if dist_.is_main:
-        if task.references is not None:
-            rows.update(reference_rows(cfg, task, tokenizer, trainer.normalizer))
-        if task.name == "routeworld":
-            rows.update(single_round_rows(cfg, run_dir))
+        for i, (suffix, ep, alpha) in enumerate(points):
+            if task.references is not None:
+                rows.update({k + suffix: v for k, v in reference_rows(cfg, task, tokenizer, trainer.normalizer,
+                                                                      ep, alpha).items()})
+            if task.name == "routeworld":
+                out = "single_round" if i == 0 else f"single_round_a{alpha:g}"
+                rows.update({k + suffix: v for k, v in single_round_rows(cfg, run_dir, ep, out).items()})
+        rows = {k: rows[k] for suffix, _, _ in points for k in rows if k.endswith(suffix)} | rows  # by alpha
         table = write_report(run_dir, rows, logger.path)
         print(f"\nHeld-out results ({len(task.test)} test questions, alpha={cfg.episode.alpha}, "
               f"checkpoint of step {chosen_step} chosen on {len(task.val)} validation questions):\n{table}\n"

@@ -16,6 +16,7 @@ import yaml
 from agents.advantages import AdvantageConfig, get_advantage
 from agents.call_errors import CallFailureConfig
 from agents.losses import LOSS_AGGREGATIONS, validate_kl_placement
+from envs.conditioning import check_spec
 from envs.episode import EpisodeConfig
 from rewards.compose import load_reward_fn
 from rewards.cost import make_cost_normalizer
@@ -213,6 +214,9 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
+    # the alphas at which the final table reports a conditioned policy (episode.alpha sampled): one
+    # block of rows per alpha, each played with that alpha stated in the prompt
+    report_alphas: list = field(default_factory=list)
     cost: CostConfig = field(default_factory=CostConfig)
     reward_fn: str | None = None  # "module:function" with rewards.compute_reward's signature
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -237,6 +241,14 @@ class TrainConfig:
             if getattr(self, key) < 0:
                 raise ValueError(f"{key}={getattr(self, key)!r} must be >= 0")
         _positive("keep_checkpoints", self.keep_checkpoints)
+        if self.episode.conditioned and not self.report_alphas:
+            raise ValueError("episode.alpha is sampled, so report_alphas must list the alphas the final table "
+                             "reports the policy at, e.g. [0, 0.5, 0.8]")
+        if self.report_alphas and not self.episode.conditioned:
+            raise ValueError(f"report_alphas={self.report_alphas} needs a conditioned policy: give episode.alpha "
+                             "as {sample: [...]} or {low: .., high: ..}")
+        for i, a in enumerate(self.report_alphas):
+            check_spec(f"report_alphas[{i}]", a, unit=True)
         if self.reward_fn:
             load_reward_fn(self.reward_fn)  # a bad module:function fails before any model loads
         if get_advantage(self.algorithm.advantage).groups and self.rollout.n_per_prompt < 2:

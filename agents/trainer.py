@@ -48,7 +48,8 @@ from agents.policy import (
 from agents.rollout import ForcedSchedule, run_rollouts
 from agents.routing_settings import RoutingSettings, save_routing_settings
 from envs.atomic import write_text_atomic
-from envs.episode import episode_prompts
+from envs.conditioning import spec_range
+from envs.episode import EpisodeConfig, episode_prompts, with_conditions
 from envs.vector import MultiRouteVectorEnv
 from rewards import make_cost_normalizer
 from rewards.compose import load_reward_fn
@@ -212,7 +213,9 @@ class Trainer:
         there (`FastEngine`), with a warning."""
         e = self.cfg.episode
         questions = [str(ex["question"]) for ex in list(self.task.train) + list(self.task.test)]
-        prompt = max(map(len, episode_prompts(questions, self.tokenizer, self.task.pool, e)))
+        alphas = [0.55] * len(questions)  # the prompt of a conditioned or capped episode states them
+        caps = [spec_range(e.max_cost)[1] + 0.55 if e.max_cost is not None else None] * len(questions)
+        prompt = max(map(len, episode_prompts(questions, self.tokenizer, self.task.pool, e, alphas, caps)))
         return prompt + e.max_response_tokens + (e.max_turns + 1) * (e.max_info_tokens + 32)
 
     # ------------------------------------------------------------ one RL step
@@ -257,7 +260,10 @@ class Trainer:
         n = cfg.rollout.n_per_prompt
         # group ids are assigned to prompts BEFORE repeating, so a group is one question's n rollouts
         group_ids = (grpo_group_ids(per_rank, n) + d.rank * per_rank).tolist()
-        examples = repeat_for_group([self.task.train[i] for i in mine], n)
+        # a sampled alpha or cap is drawn per prompt, then repeated with it: a group shares them
+        prompts = with_conditions([self.task.train[i] for i in mine], cfg.episode, cfg.seed, self.step,
+                                  index_offset=d.rank * per_rank)
+        examples = repeat_for_group(prompts, n)
         t0 = time.perf_counter()
         with self.m.actor_engine.generation() as policy:  # ZeRO-3: weights gathered once for the phase
             sampler_logps, stats = run_rollouts(policy, self.env, examples, cfg.rollout.temperature,
@@ -377,12 +383,15 @@ class Trainer:
 
     # ------------------------------------------------------------ evaluation
 
-    def evaluate(self, examples: list, prefix: str = "eval", pool=None) -> tuple[dict[str, float], list[dict]]:
+    def evaluate(self, examples: list, prefix: str = "eval", pool=None,
+                 episode: EpisodeConfig | None = None) -> tuple[dict[str, float], list[dict]]:
         """Greedy episodes on held-out questions, scored with the normalizer frozen; `pool` replaces the
-        task's candidates (e.g. ones that only ever reply "unknown")."""
-        d = self.dist
-        mine = examples[d.rank::d.world_size]
-        env = MultiRouteVectorEnv(self.tokenizer, pool or self.task.pool, self.cfg.episode, self.reward_fn)
+        task's candidates (e.g. ones that only ever reply "unknown"), `episode` the run's episode
+        settings (e.g. pinned at one alpha). A sampled alpha or cap is drawn per question from a stream
+        that is the same at every evaluation, so checkpoints compare on the same draws."""
+        d, episode = self.dist, episode or self.cfg.episode
+        mine = with_conditions(examples, episode, self.cfg.seed, "eval")[d.rank::d.world_size]
+        env = MultiRouteVectorEnv(self.tokenizer, pool or self.task.pool, episode, self.reward_fn)
         summaries = []
         chunk = self.cfg.rollout.n_prompts
         with self.m.actor_engine.generation() as policy:

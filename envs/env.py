@@ -9,7 +9,9 @@ import numpy as np
 from gymnasium import spaces
 
 from envs.candidates.pool import CandidatePool
-from envs.episode import DONE, Episode, EpisodeConfig, RewardFn, eos_token_ids, make_episodes, resolve_calls
+from envs.conditioning import is_sampled
+from envs.episode import (DONE, Episode, EpisodeConfig, RewardFn, eos_token_ids, make_episodes, resolve_calls,
+                          with_conditions)
 from rewards import compute_reward
 from rewards.cost import CostNormalizer
 
@@ -64,9 +66,12 @@ class MultiRouteEnv(gym.Env):
         else:
             raise ValueError("reset() needs options={'question': ..., 'golden_answers': [...]} "
                              "or a dataset given at construction")
+        if is_sampled(self.cfg.alpha) or is_sampled(self.cfg.max_cost):  # drawn from this env's own generator
+            example = with_conditions([example], self.cfg, int(self.np_random.integers(2**63)), "reset")[0]
         self.episode = make_episodes([example], self.tokenizer, self.pool, self.cfg, self.eos_ids)[0]
         obs = np.asarray(self.episode.prompt_ids, dtype=np.int64)
-        return obs, {"question": self.episode.question}
+        return obs, {"question": self.episode.question, "alpha": self.episode.alpha,
+                     "max_cost": self.episode.max_cost}
 
     def step(self, action):
         ep = self.episode

@@ -13,7 +13,7 @@ from tokenizers.decoders import DecodeStream
 
 from envs.candidates.pool import CandidatePool
 from envs.candidates.spec import CallRecord
-from envs.conditioning import check_spec, is_sampled
+from envs.conditioning import check_spec, draw, is_sampled
 from envs.prompts import build_prompt, prompt_token_ids
 from rewards import RewardBreakdown, compute_reward
 from rewards.cost import CostNormalizer
@@ -23,6 +23,7 @@ RewardFn = Callable[..., RewardBreakdown]  # compute_reward's signature
 
 GENERATING, CALLING, DONE = "generating", "calling", "done"
 NO_CALLS_LEFT = "no calls remain; answer now"
+OVER_BUDGET = "over budget: {left:g} micro-$ left cannot pay {name} for a reply; no call made, answer now"
 
 
 @dataclass
@@ -132,6 +133,8 @@ class Episode:
     candidate_names: list[str]
     cfg: EpisodeConfig
     eos_ids: frozenset[int]
+    alpha: float = 0.0  # this episode's cost weight (drawn per prompt when the config samples it)
+    max_cost: float | None = None  # micro-dollars this episode may spend on calls (None: no cap)
     response_ids: list[int] = field(default_factory=list)
     inserted: list[bool] = field(default_factory=list)  # per response token: True if the env wrote it
     calls: list[CallRecord] = field(default_factory=list)
@@ -164,6 +167,11 @@ class Episode:
     @property
     def raw_cost(self) -> float:
         return sum(c.cost for c in self.calls)
+
+    @property
+    def budget_left(self) -> float | None:
+        """What the episode may still spend on calls (None without a cap)."""
+        return None if self.max_cost is None else self.max_cost - self.raw_cost
 
     def push(self, token: int) -> str:
         """Append one policy token and return the new state."""
@@ -245,7 +253,7 @@ class Episode:
         if not self.done:
             raise RuntimeError("score() before the episode ended")
         return reward_fn(self.text, self.golden_answers, self.candidate_names, self.raw_cost,
-                         self.cfg.alpha, self.cfg.metric, cost_normalizer)
+                         self.alpha, self.cfg.metric, cost_normalizer)
 
     def summary(self, reward: RewardBreakdown) -> dict:
         """What `info` carries at the end of an episode."""
@@ -261,17 +269,54 @@ class Episode:
             "limit_reached": self.end_reason == "limit",
             "response_tokens": len(self.response_ids),
             "policy_tokens": self.policy_tokens,
+            "alpha": self.alpha,
+            "max_cost": self.max_cost,
         }
+
+
+def with_conditions(examples: Sequence[Any], cfg: EpisodeConfig, seed: int, step: int | str,
+                    index_offset: int = 0) -> list[Any]:
+    """Each example with the alpha and max_cost its episodes play under, where the config samples
+    them and the example does not give them: drawn from the stream keyed by (seed, step, prompt
+    index). Call it before a prompt is repeated for its GRPO/RLOO group, so the group shares them.
+    Fixed values are left to the config."""
+    if not is_sampled(cfg.alpha) and not is_sampled(cfg.max_cost):
+        return list(examples)
+    out = []
+    for i, example in enumerate(examples):
+        row = dict(example) if isinstance(example, dict) else dict(vars(example))
+        for name in ("alpha", "max_cost"):
+            if is_sampled(getattr(cfg, name)) and row.get(name) is None:
+                row[name] = draw(getattr(cfg, name), seed, step, index_offset + i, name)
+        out.append(row)
+    return out
+
+
+_EXAMPLE_KEYS = ("question", "golden_answers", "alpha", "max_cost")
+
+
+def _condition(example: dict, cfg: EpisodeConfig, key: str, index: int) -> float | None:
+    """An example's own alpha or max_cost, else the config's fixed one; a sampled one must be drawn
+    (`with_conditions`) before the episode starts."""
+    spec = getattr(cfg, key)
+    value = example.get(key)
+    if value is None and is_sampled(spec):
+        raise ValueError(f"example {index} has no {key!r} but episode.{key}={spec!r} is sampled; draw it per "
+                         "prompt with envs.episode.with_conditions")
+    if value is None:
+        return None if spec is None else float(spec)
+    check_spec(f"example {index}: {key}", value, unit=key == "alpha")
+    return float(value)
 
 
 def make_episodes(examples: Sequence[Any], tokenizer, pool: CandidatePool, cfg: EpisodeConfig,
                   eos_ids: frozenset[int]) -> list[Episode]:
-    """Start an episode per example (a mapping or object with `question` and `golden_answers`);
-    the prompts are tokenized in one batched call."""
-    questions, goldens = [], []
+    """Start an episode per example (a mapping or object with `question` and `golden_answers`, and
+    `alpha` / `max_cost` where the config samples them); the prompts are tokenized in one batched call."""
+    questions, goldens, alphas, caps = [], [], [], []
     for i, example in enumerate(examples):
-        get = example.get if isinstance(example, dict) else lambda k: getattr(example, k, None)
-        question, golden = get("question"), get("golden_answers")
+        row = example if isinstance(example, dict) else {k: getattr(example, k, None) for k in _EXAMPLE_KEYS}
+        question, golden = row.get("question"), row.get("golden_answers")
         if isinstance(golden, str):
             golden = [golden]
         if not isinstance(question, str) or not question.strip():
@@ -279,17 +324,24 @@ def make_episodes(examples: Sequence[Any], tokenizer, pool: CandidatePool, cfg: 
         if not golden or not all(isinstance(g, str) for g in golden):
             raise ValueError(f"example {i} needs a non-empty list of 'golden_answers' strings, got {golden!r}")
         questions.append(question), goldens.append(list(golden))
-    return [Episode(q, g, ids, tokenizer, pool.names, cfg, eos_ids)
-            for q, g, ids in zip(questions, goldens, episode_prompts(questions, tokenizer, pool, cfg))]
+        alphas.append(_condition(row, cfg, "alpha", i)), caps.append(_condition(row, cfg, "max_cost", i))
+    prompts = episode_prompts(questions, tokenizer, pool, cfg, alphas, caps)
+    return [Episode(q, g, ids, tokenizer, pool.names, cfg, eos_ids, alpha=a, max_cost=c)
+            for q, g, ids, a, c in zip(questions, goldens, prompts, alphas, caps)]
 
 
-def episode_prompts(questions: Sequence[str], tokenizer, pool: CandidatePool, cfg: EpisodeConfig) -> list[list[int]]:
-    """The prompt ids an episode of each question starts from, tokenized in one batched call that
-    sees each distinct question once (GRPO repeats every question for its group)."""
-    unique = list(dict.fromkeys(questions))
-    ids = prompt_token_ids(tokenizer, [build_prompt(q, pool.specs, cfg.prompt_template, cfg.max_turns) for q in unique])
-    by_question = dict(zip(unique, ids))
-    return [list(by_question[q]) for q in questions]
+def episode_prompts(questions: Sequence[str], tokenizer, pool: CandidatePool, cfg: EpisodeConfig,
+                    alphas: Sequence[float] | None = None, caps: Sequence[float | None] | None = None) -> list[list[int]]:
+    """The prompt ids an episode of each question starts from (under its alpha and cap, which the
+    prompt states when alpha is conditioned or a cap is set), tokenized in one batched call that sees
+    each distinct prompt once (GRPO repeats every question for its group)."""
+    alphas = list(alphas) if alphas is not None else [None] * len(questions)
+    caps = list(caps) if caps is not None else [None] * len(questions)
+    keys = [(q, a if cfg.conditioned else None, c) for q, a, c in zip(questions, alphas, caps)]
+    unique = list(dict.fromkeys(keys))
+    texts = [build_prompt(q, pool.specs, cfg.prompt_template, cfg.max_turns, alpha=a, max_cost=c) for q, a, c in unique]
+    by_key = dict(zip(unique, prompt_token_ids(tokenizer, texts)))
+    return [list(by_key[k]) for k in keys]
 
 
 def insert_replies(episodes: Sequence[Episode], records: Sequence[CallRecord | None]) -> list[list[int]]:
@@ -310,6 +362,7 @@ def insert_replies(episodes: Sequence[Episode], records: Sequence[CallRecord | N
     for e, record in zip(episodes, records):
         if record is not None:
             e.calls.append(record)
+            record.budget_left = e.budget_left  # the ledger shows what is left after every call
             body = f"error: {record.error}" if record.error else record.reply
         else:
             body = str(e.pending)
@@ -333,11 +386,26 @@ def insert_replies(episodes: Sequence[Episode], records: Sequence[CallRecord | N
     return inserted
 
 
+def reply_limit(e: Episode, pool: CandidatePool) -> int | None:
+    """The max_tokens of an episode's pending call under its cap (None without one): what the budget
+    left buys from the candidate, priced prompt tokens paid first. Below `min_reply_tokens` the call
+    is refused: `pending` becomes the OVER_BUDGET message, inserted with no call and no charge."""
+    if e.max_cost is None:
+        return None
+    call = e.pending
+    limit = pool.affordable(call.name, call.query, e.raw_cost, e.max_cost)
+    if limit < e.cfg.min_reply_tokens:
+        e.pending = OVER_BUDGET.format(left=round(e.budget_left, 2), name=call.name)
+    return limit
+
+
 def submit_calls(episodes: Sequence[Episode], pool: CandidatePool) -> list[Future | None]:
     """Start the pending call of each CALLING episode in the background, concurrently: its future,
-    or None where the search is not a valid call (its message is inserted with no call)."""
-    futures = iter(pool.submit([(e.pending.name, e.pending.query, e.question) for e in episodes
-                                if isinstance(e.pending, Call)]))
+    or None where the search is not a valid call or the budget cannot pay it (its message is
+    inserted with no call). Under a cap the call's max_tokens is what the budget left buys."""
+    limits = [reply_limit(e, pool) if isinstance(e.pending, Call) else None for e in episodes]
+    futures = iter(pool.submit([(e.pending.name, e.pending.query, e.question, limit)
+                                for e, limit in zip(episodes, limits) if isinstance(e.pending, Call)]))
     return [next(futures) if isinstance(e.pending, Call) else None for e in episodes]
 
 

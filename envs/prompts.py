@@ -19,14 +19,14 @@ possible (a few words, no explanation), inside <answer> and </answer>.
 Candidate models:
 {candidates}
 
-Question: {question}
+{conditions}Question: {question}
 """
 
 # A short form for tiny models trained from scratch (RouteWorld): same rules, fewer tokens.
 COMPACT_TEMPLATE = """\
 Candidates:
 {candidates}
-Question: {question}
+{conditions}Question: {question}
 """
 
 TEMPLATES = {"router_r1": ROUTER_R1_TEMPLATE, "compact": COMPACT_TEMPLATE}
@@ -46,18 +46,32 @@ def candidate_block(specs: Sequence[CandidateSpec], compact: bool = False) -> st
     return "\n".join(lines)
 
 
+def condition_text(alpha: float | None = None, max_cost: float | None = None) -> str:
+    """The fixed words that state an episode's cost weight and spending cap (empty when neither is
+    stated, so an unconditioned prompt is unchanged), e.g. "Cost weight: 0.5. Budget: 40 micro-$."."""
+    parts = ([f"Cost weight: {alpha:g}."] if alpha is not None else []) + \
+            ([f"Budget: {max_cost:g} micro-$."] if max_cost is not None else [])
+    return " ".join(parts) + "\n" if parts else ""
+
+
 def build_prompt(question: str, specs: Sequence[CandidateSpec], template: str = "router_r1",
-                 max_turns: int = 4) -> str:
+                 max_turns: int = 4, alpha: float | None = None, max_cost: float | None = None) -> str:
     """The user message: `template` is a name in TEMPLATES or a format string with {candidates},
-    {question} and optionally {max_turns}."""
+    {question} and optionally {max_turns} and {conditions}. `alpha` (a conditioned policy's cost
+    weight) and `max_cost` (a spending cap) are stated by `condition_text` where {conditions}
+    stands; a template without it cannot state them, which is an error when either is given."""
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"question must be a non-empty string, got {question!r}")
     fmt = TEMPLATES.get(template, template)
     if "{question}" not in fmt or "{candidates}" not in fmt:
         raise ValueError(f"prompt template {template!r} must be a known name {sorted(TEMPLATES)} "
                          "or a format string with {candidates} and {question}")
+    conditions = condition_text(alpha, max_cost)
+    if conditions and "{conditions}" not in fmt:
+        raise ValueError(f"prompt template {template!r} has no {{conditions}} field, so it cannot state the "
+                         "cost weight or budget of a conditioned or capped episode; add {conditions}")
     return fmt.format(candidates=candidate_block(specs, compact=template == "compact"),
-                      question=question.strip(), max_turns=max_turns)
+                      question=question.strip(), max_turns=max_turns, conditions=conditions)
 
 
 def prompt_token_ids(tokenizer, user_messages: list[str]) -> list[list[int]]:

@@ -21,8 +21,15 @@ def _field(call: Any, key: str, index: int) -> float:
     return float(value)
 
 
+def call_cost(prompt_tokens: float, completion_tokens: float, price_per_1m_input: float,
+              price_per_1m_output: float) -> float:
+    """One call's cost in micro-dollars: `completion_tokens * price_per_1m_output + prompt_tokens *
+    price_per_1m_input` (prices per 1M tokens, not divided)."""
+    return completion_tokens * price_per_1m_output + prompt_tokens * price_per_1m_input
+
+
 def raw_cost(calls: Iterable[Any]) -> float:
-    """Sum over calls of `completion_tokens * price_per_1m_output + prompt_tokens * price_per_1m_input`.
+    """Sum over calls of `call_cost`.
 
     Prices are per million tokens and are not divided, so the unit is micro-dollars. With input
     prices 0 this is the cost the Router-R1 paper reports. Calls are mappings or objects with the
@@ -30,9 +37,22 @@ def raw_cost(calls: Iterable[Any]) -> float:
     """
     total = 0.0
     for i, call in enumerate(calls):
-        total += (_field(call, "completion_tokens", i) * _field(call, "price_per_1m_output", i)
-                  + _field(call, "prompt_tokens", i) * _field(call, "price_per_1m_input", i))
+        total += call_cost(*(_field(call, key, i) for key in _CALL_FIELDS))
     return total
+
+
+def affordable_tokens(spent: float, cap: float, prompt_tokens: int, price_per_1m_input: float,
+                      price_per_1m_output: float, limit: int) -> int:
+    """The most completion tokens (at most `limit`) a call may take so that `spent` plus its cost
+    stays within `cap`, its priced prompt tokens paid first; 0 when not even those fit. Checked in
+    the same float arithmetic as the ledger's sum, so the sum never passes the cap by a rounding."""
+    if spent + call_cost(prompt_tokens, 0, price_per_1m_input, 0.0) > cap:
+        return 0
+    left = cap - spent - call_cost(prompt_tokens, 0, price_per_1m_input, 0.0)
+    n = limit if price_per_1m_output <= 0 else min(limit, max(0, math.floor(left / price_per_1m_output)))
+    while n > 0 and spent + call_cost(prompt_tokens, n, price_per_1m_input, price_per_1m_output) > cap:
+        n -= 1  # a float rounding above the cap
+    return n
 
 
 class CostNormalizer(Protocol):

@@ -11,6 +11,16 @@ def test_defaults_validate():
 
 @pytest.mark.parametrize("override, key", [
     ("episode.alpha=1.5", "alpha"),
+    ("episode.alpha={sample: []}", r"episode\.alpha\.sample=\[\] must be a non-empty list"),
+    ("episode.alpha={sample: [0, 1.2]}", r"episode\.alpha\.sample\[1\]=1\.2 must lie in \[0, 1\]"),
+    ("episode.alpha={low: 0.8, high: 0.2}", "episode.alpha: low=0.8 is above high=0.2"),
+    ("episode.alpha={lo: 0, hi: 1}", "episode.alpha="),
+    ("episode.max_cost=0", r"episode\.max_cost=0(\.0)? must be > 0"),
+    ("episode.max_cost=-5", r"episode\.max_cost=-5(\.0)? must be > 0"),
+    ("episode.max_cost={low: 50, high: 5}", "episode.max_cost: low=50 is above high=5"),
+    ("episode.max_cost={sample: []}", r"episode\.max_cost\.sample"),
+    ("report_alphas=[0.5]", "report_alphas.*needs a conditioned policy"),
+    ("episode.alpha={sample: [0, 0.5]}", "report_alphas must list"),
     ("algorithm.lam=-1", "algorithm.lam"),
     ("algorithm.gamma=2", "algorithm.gamma"),
     ("algorithm.loss_agg=mean", "algorithm.loss_agg"),

@@ -4,6 +4,7 @@ refusal of bad input before anything is written."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import matplotlib.image
@@ -14,6 +15,8 @@ from tiny import tiny_qwen, tiny_tokenizer
 import evaluate
 from agents.config import load_dataclass
 from agents.routers import make_router
+from agents.routing_settings import RoutingRangeWarning, RoutingSettings, save_routing_settings
+from envs.candidates.pool import load_pool
 from envs.episode import EpisodeConfig
 from rewards.metrics import apgr
 
@@ -62,7 +65,10 @@ def test_three_routers_end_to_end(tmp_path, small_file):
     assert {r["router"] for r in rows if r["dataset"] == "overall"} == {"largest", "cheapest", "oracle"}
     image = matplotlib.image.imread(out / "pareto.png")
     assert image.ndim == 3 and image.shape[0] > 100
-    assert result["curves"]["oracle"]["aiq"] == pytest.approx(overall["oracle"]["em"])
+    # one point over the shared cost range: quality 0 below its cost, its EM from there on
+    lo, hi = result["cost_range"]
+    o = overall["oracle"]
+    assert result["curves"]["oracle"]["aiq"] == pytest.approx(o["em"] * (hi - o["raw_cost"]) / (hi - lo))
 
 
 @pytest.mark.parametrize("rows, message", [
@@ -126,7 +132,8 @@ def test_a_two_model_pool_reports_each_routers_apgr_and_cpt(tmp_path):
     assert 0 < share < 1
     assert result["curves"]["random"]["apgr"] == pytest.approx(apgr([100 * share], [em], weak_em, strong_em))
     table = (tmp_path / "out" / "results.md").read_text()
-    assert f"| random | 1 | {em:.3f} | {result['curves']['random']['apgr']:.3f} |" in table
+    curve = result["curves"]["random"]
+    assert f"| random | 1 | {curve['aiq']:.3f} | {curve['apgr']:.3f} |" in table
 
 
 def save_tiny_llm(folder, tokenizer=None):
@@ -137,6 +144,13 @@ def save_tiny_llm(folder, tokenizer=None):
     return folder
 
 
+def save_routing(folder, episode: EpisodeConfig, specs=None):
+    """The routing settings train.py saves beside a policy, for the replayed pool's candidates."""
+    pool = load_pool(POOL)
+    save_routing_settings(folder, RoutingSettings.from_episode(episode, specs or pool.specs))
+    pool.close()
+
+
 def overall_by_router(result):
     return {r["router"]: r["metrics"]["by_dataset"]["overall"] for r in result["rows"]}
 
@@ -145,6 +159,7 @@ def test_llm_routers_play_a_local_model_greedily_in_batches(tmp_path, small_file
     """policy and prompt-llm run the same greedy rollouts; direct's episodes allow no call; the
     model's own tokens are charged to full cost; batch size changes nothing."""
     folder = save_tiny_llm(tmp_path / "llm")
+    save_routing(folder, EpisodeConfig(max_response_tokens=24, max_turns=2))  # as the eval's episode
     specs = f"policy:{folder},prompt-llm:{folder},direct:{folder}"
     runs = {}
     for batch in (5, 12):
@@ -165,7 +180,43 @@ def test_an_llm_router_whose_pad_is_its_eos_is_refused_before_anything_is_writte
     tok = tiny_tokenizer()
     tok.pad_token = tok.eos_token
     folder = save_tiny_llm(tmp_path / "llm", tok)
+    save_routing(folder, EpisodeConfig())
     out = tmp_path / "out"
     with pytest.raises(ValueError, match=f"{folder}: the tokenizer needs a pad token distinct from EOS"):
         evaluate.main(["--config", str(config(tmp_path, small_file)), "--routers", f"policy:{folder}", "--out", str(out)])
     assert not out.exists()
+
+
+def test_a_conditioned_policy_traces_one_curve_over_alphas_with_aiq_over_the_shared_range(tmp_path, small_file):
+    folder = save_tiny_llm(tmp_path / "llm")
+    save_routing(folder, EpisodeConfig(alpha={"sample": [0.0, 0.5]}, max_cost={"low": 10.0, "high": 50.0},
+                                     max_response_tokens=24, max_turns=2))
+    cfg = config(tmp_path, small_file, alphas=[0.0, 0.5], max_costs=[30.0])
+    result = evaluate.main(["--config", str(cfg), "--routers", f"policy:{folder},cheapest",
+                            "--out", str(tmp_path / "out")])
+    rows = [r for r in result["rows"] if r["router"] == f"policy:{folder}"]
+    assert [r["setting"] for r in rows] == ["alpha=0, max_cost=30", "alpha=0.5, max_cost=30"]
+    assert result["curves"][f"policy:{folder}"]["points"] == 2
+    costs = [r["metrics"]["by_dataset"]["overall"]["raw_cost"] for r in result["rows"]]
+    assert result["cost_range"] == [min(costs), max(costs)]
+    assert max(r["metrics"]["by_dataset"]["overall"]["raw_cost"] for r in rows) <= 30.0  # the cap holds
+
+
+def test_a_pool_other_than_the_trained_one_is_refused_naming_the_candidate(tmp_path, small_file):
+    folder = save_tiny_llm(tmp_path / "llm")
+    pool = load_pool(POOL)
+    specs = [dataclasses.replace(s, price_per_1m_output=9.0) if i == 0 else s for i, s in enumerate(pool.specs)]
+    pool.close()
+    save_routing(folder, EpisodeConfig(max_response_tokens=24, max_turns=2), specs)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=rf"{specs[0].name}.price_per_1m_output 9 -> "):
+        evaluate.main(["--config", str(config(tmp_path, small_file)), "--routers", f"policy:{folder}", "--out", str(out)])
+    assert not out.exists()
+
+
+def test_an_alpha_outside_the_trained_range_warns_naming_the_range(tmp_path, small_file):
+    folder = save_tiny_llm(tmp_path / "llm")
+    save_routing(folder, EpisodeConfig(alpha={"low": 0.0, "high": 0.5}, max_response_tokens=8, max_turns=1))
+    cfg = config(tmp_path, small_file, alphas=[0.9], max_questions=2)
+    with pytest.warns(RoutingRangeWarning, match=r"\[0, 0.5\]"):
+        evaluate.main(["--config", str(cfg), "--routers", f"policy:{folder}", "--out", str(tmp_path / "out")])

@@ -180,3 +180,21 @@ def test_packed_micro_batches_score_and_update_like_padded_ones(tmp_path):
         assert torch.allclose(a, b, atol=1e-5), (name, float((a - b).abs().max()))
     for key in ("actor/pg_loss", "critic/value_loss", "actor/grad_norm", "critic/grad_norm", "actor/entropy"):
         assert m_packed[key] == pytest.approx(m_padded[key], rel=1e-4, abs=1e-7), key
+
+
+def test_a_conditioned_run_shares_alpha_within_groups_reports_each_alpha_and_saves_its_settings(tmp_path):
+    from agents.routing_settings import load_routing_settings
+    rows = train.main(["--config", "configs/routeworld_tiny_conditioned.yaml", f"run_dir={tmp_path / 'c'}", *TINY,
+                       "total_steps=1", "report_alphas=[0, 0.8]", "algorithm.advantage=rloo",
+                       "algorithm.kl.placement=loss", "algorithm.kl.estimator=k3", "rollout.n_per_prompt=2",
+                       "n_samples_logged=8"])
+    for alpha in ("0", "0.8"):
+        for name in ("SFT start", "trained policy", "oracle plan", "fixed: Geo-Expert"):
+            assert f"{name} (alpha {alpha})" in rows, name
+    samples = [json.loads(line) for line in (tmp_path / "c" / "samples.jsonl").read_text().splitlines()]
+    alphas = [s["alpha"] for s in samples]
+    assert len(alphas) == 8 and alphas[0::2] == alphas[1::2]  # a group (two rollouts of a prompt) shares it
+    assert set(alphas) <= {0.0, 0.3, 0.5, 0.8}
+    settings = load_routing_settings(tmp_path / "c" / "checkpoints" / "best" / "policy")
+    assert settings.is_conditioned and settings.alpha == {"sample": [0.0, 0.3, 0.5, 0.8]}
+    assert settings.prompt_template == "compact" and settings.max_turns == 2

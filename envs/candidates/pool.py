@@ -21,8 +21,9 @@ from typing import Any, Callable, Mapping, Sequence
 import yaml
 
 from envs.candidates.cache import CachedBackend
-from envs.candidates.spec import Backend, CallRecord, CandidateError, CandidateSpec, Request, RequestConfig
-from rewards.cost import raw_cost
+from envs.candidates.spec import (Backend, CallRecord, CandidateError, CandidateSpec, Request, RequestConfig,
+                                  cut_reply)
+from rewards.cost import affordable_tokens, raw_cost
 
 log = logging.getLogger(__name__)
 
@@ -140,16 +141,29 @@ class CandidatePool:
     def names(self) -> list[str]:
         return [s.name for s in self.specs]
 
-    def call(self, name: str, query: str, question: str = "") -> CallRecord:
-        return self.call_many([(name, query, question)])[0]
+    def call(self, name: str, query: str, question: str = "", max_tokens: int | None = None) -> CallRecord:
+        return self.call_many([(name, query, question, max_tokens)])[0]
 
-    def call_many(self, calls: Sequence[tuple[str, str, str]]) -> list[CallRecord]:
-        """Run (candidate name, query, episode question) calls concurrently; records in input order."""
+    def call_many(self, calls: Sequence[tuple]) -> list[CallRecord]:
+        """Run (candidate name, query, episode question[, max_tokens]) calls concurrently; records in
+        input order."""
         return [f.result() for f in self.submit(calls)]
 
-    def submit(self, calls: Sequence[tuple[str, str, str]]) -> list[concurrent.futures.Future]:
-        """Start (candidate name, query, episode question) calls in the background, concurrently, and
-        return at once: each future's result is its call's record (a failure is a record too)."""
+    def affordable(self, name: str, query: str, spent: float, cap: float) -> int:
+        """The reply tokens (at most the request's `max_tokens`) that a call of `name` with `query` may
+        take so that `spent` plus its cost stays within `cap`: its priced prompt tokens, counted by
+        this pool's counter as it counts them when a backend does not, are paid first."""
+        spec = self.by_name[name]
+        prompt_tokens = sum(self.count_tokens(m["content"]) for m in self.request.messages(query))
+        price_in = spec.price_per_1m_input if self.count_prompt_tokens else 0.0
+        return affordable_tokens(spent, cap, prompt_tokens, price_in, spec.price_per_1m_output,
+                                 self.request.max_tokens)
+
+    def submit(self, calls: Sequence[tuple]) -> list[concurrent.futures.Future]:
+        """Start (candidate name, query, episode question[, max_tokens]) calls in the background,
+        concurrently, and return at once: each future's result is its call's record (a failure is a
+        record too). A call's `max_tokens` (a spending cap's) replaces the request's; a reply
+        reported longer than it is cut (`cut_reply`), so every backend is held to it."""
         if not calls:
             return []
         if self._loop is None:
@@ -163,23 +177,24 @@ class CandidatePool:
         of the ledger: `tests/test_chaos.py` and `bench/chaos.py` count a server's requests against it)."""
         self._listeners.append(listener)
 
-    def _start(self, calls: list[tuple[str, str, str]], futures: list[concurrent.futures.Future]) -> None:
+    def _start(self, calls: list[tuple], futures: list[concurrent.futures.Future]) -> None:
         """On the loop's thread: a task per call, whose outcome settles its future."""
         for call, future in zip(calls, futures):
             if future.set_running_or_notify_cancel():
                 task = self._loop.loop.create_task(self._call(*call))
                 task.add_done_callback(lambda t, f=future: _settle(f, t))
 
-    async def _call(self, name: str, query: str, question: str) -> CallRecord:
-        record = await self._make_call(name, query, question)
+    async def _call(self, name: str, query: str, question: str, max_tokens: int | None = None) -> CallRecord:
+        record = await self._make_call(name, query, question, max_tokens)
         for listener in self._listeners:
             listener(record)
         return record
 
-    async def _make_call(self, name: str, query: str, question: str) -> CallRecord:
+    async def _make_call(self, name: str, query: str, question: str, max_tokens: int | None = None) -> CallRecord:
         spec = self.by_name[name]
         messages = self.request.messages(query)
-        request = Request(spec, query, messages, self.request.sampling(), question)
+        sampling = self.request.sampling() if max_tokens is None else {**self.request.sampling(), "max_tokens": max_tokens}
+        request = Request(spec, query, messages, sampling, question)
         start = time.perf_counter()
         try:
             done = await self.backend.complete(request)
@@ -194,11 +209,14 @@ class CandidatePool:
         completion_tokens = done.completion_tokens
         if completion_tokens is None:
             completion_tokens = self.count_tokens(text)
+        cut = max_tokens is not None and completion_tokens > max_tokens
+        if cut:  # a backend that does not stop at max_tokens itself (simulated, replay)
+            text, completion_tokens = cut_reply(text, completion_tokens, max_tokens)
         record = CallRecord(
             name, query, text, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
             price_per_1m_input=spec.price_per_1m_input if self.count_prompt_tokens else 0.0,
             price_per_1m_output=spec.price_per_1m_output, latency_s=time.perf_counter() - start,
-            cached=done.cached, attempts=done.attempts,
+            cached=done.cached, attempts=done.attempts, extra={"cut": True} if cut else {},
         )
         record.cost = raw_cost([record])
         record.full_cost = raw_cost([{**record.as_dict(), "price_per_1m_input": spec.price_per_1m_input}])

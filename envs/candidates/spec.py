@@ -3,6 +3,7 @@ ledger entry of one call."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -85,6 +86,24 @@ class Completion:
     attempts: int = 1
 
 
+CUT_REPLY = "unknown"  # what a reply cut before its answer sentence ends says
+
+
+def cut_reply(text: str, completion_tokens: int, max_tokens: int) -> tuple[str, int]:
+    """A reply of `completion_tokens` tokens as a model stopped after `max_tokens` would give it: its
+    words kept in proportion to the tokens paid for (rounded down), and CUT_REPLY when the cut falls
+    before its first sentence (the answer sentence) ends, so cutting never makes a reply cheaper and
+    still right. Returns (text, tokens charged)."""
+    if completion_tokens <= max_tokens:
+        return text, completion_tokens
+    words = text.split()
+    kept = len(words) * max_tokens // completion_tokens
+    end = re.search(r"[.!?](\s|$)", text)
+    if end is None or kept < len(text[:end.end()].split()):
+        return CUT_REPLY, max_tokens
+    return " ".join(words[:kept]), max_tokens
+
+
 class Backend(Protocol):
     async def complete(self, request: Request) -> Completion: ...
 
@@ -95,7 +114,8 @@ class CallRecord:
 
     `price_per_1m_input` is the input price actually charged (0 unless prompt tokens are counted),
     so `rewards.raw_cost([record])` equals `cost`; `full_cost` always charges prompt tokens at the
-    listed input price. A failed call has `error` set and zero cost.
+    listed input price. A failed call has `error` set and zero cost. Under a spending cap,
+    `budget_left` is what the episode may still spend after this call (None without a cap).
     """
 
     candidate: str
@@ -111,6 +131,7 @@ class CallRecord:
     error: str | None = None
     cached: bool = False
     attempts: int = 0
+    budget_left: float | None = None
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
