@@ -118,6 +118,12 @@ class RouterR1Normalizer(_Base):
     `update` appends sqrt(raw) of each cost to a window of the last `window` values. `score(raw)`
     is `1 - clip((sqrt(raw) - lo) / (hi - lo), 0, 1)` with lo, hi the 5th and 95th percentiles of
     the window (numpy's linear interpolation); 0.5 when the window is empty or hi - lo < 1e-8.
+
+    With alpha drawn per question (a conditioned policy) one window pools the costs of every
+    alpha: the score of a cost then depends on the mix of alphas in recent batches and on what the
+    policy spends at each, so low-alpha episodes that call the expensive candidates widen the scale
+    and make every cheap call score alike for the high-alpha ones. `budget` has a fixed scale, so a
+    cost scores the same whatever the mix.
     """
 
     def __init__(self, window: int = 1000, low_pct: float = 5.0, high_pct: float = 95.0):
