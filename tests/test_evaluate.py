@@ -181,8 +181,13 @@ def test_an_llm_router_whose_pad_is_its_eos_is_refused_before_anything_is_writte
     tok.pad_token = tok.eos_token
     folder = save_tiny_llm(tmp_path / "llm", tok)
     save_routing(folder, EpisodeConfig())
+    policy_is_refused(tmp_path, small_file, folder, f"{folder}: the tokenizer needs a pad token distinct from EOS")
+
+
+def policy_is_refused(tmp_path, small_file, folder, message):
+    """Evaluating `policy:<folder>` stops with `message` before anything is written."""
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match=f"{folder}: the tokenizer needs a pad token distinct from EOS"):
+    with pytest.raises(ValueError, match=message):
         evaluate.main(["--config", str(config(tmp_path, small_file)), "--routers", f"policy:{folder}", "--out", str(out)])
     assert not out.exists()
 
@@ -208,10 +213,7 @@ def test_a_pool_other_than_the_trained_one_is_refused_naming_the_candidate(tmp_p
     specs = [dataclasses.replace(s, price_per_1m_output=9.0) if i == 0 else s for i, s in enumerate(pool.specs)]
     pool.close()
     save_routing(folder, EpisodeConfig(max_response_tokens=24, max_turns=2), specs)
-    out = tmp_path / "out"
-    with pytest.raises(ValueError, match=rf"{specs[0].name}.price_per_1m_output 9 -> "):
-        evaluate.main(["--config", str(config(tmp_path, small_file)), "--routers", f"policy:{folder}", "--out", str(out)])
-    assert not out.exists()
+    policy_is_refused(tmp_path, small_file, folder, rf"{specs[0].name}.price_per_1m_output 9 -> ")
 
 
 def test_an_alpha_outside_the_trained_range_warns_naming_the_range(tmp_path, small_file):
