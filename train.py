@@ -149,7 +149,7 @@ def check_prompt_lengths(cfg: TrainConfig, task, tokenizer) -> None:
 
 
 # Settings whose change makes a resumed run a different experiment.
-RESUME_KEYS = ("seed", "episode.alpha", "algorithm.advantage", "task", "cost")
+RESUME_KEYS = ("seed", "episode.alpha", "episode.max_cost", "algorithm.advantage", "task", "cost")
 
 
 def check_resume_config(cfg: TrainConfig, run_dir: Path) -> None:
