@@ -49,7 +49,10 @@ def affordable_tokens(spent: float, cap: float, prompt_tokens: int, price_per_1m
     if spent + call_cost(prompt_tokens, 0, price_per_1m_input, 0.0) > cap:
         return 0
     left = cap - spent - call_cost(prompt_tokens, 0, price_per_1m_input, 0.0)
-    n = limit if price_per_1m_output <= 0 else min(limit, max(0, math.floor(left / price_per_1m_output)))
+    if price_per_1m_output <= 0 or left >= limit * price_per_1m_output:
+        n = limit
+    else:  # left / price is below limit here, finite even for a tiny price
+        n = max(0, math.floor(left / price_per_1m_output))
     while n > 0 and spent + call_cost(prompt_tokens, n, price_per_1m_input, price_per_1m_output) > cap:
         n -= 1  # a float rounding above the cap
     return n

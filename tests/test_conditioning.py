@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from agents.advantages import repeat_for_group
@@ -191,6 +191,8 @@ reply_words = st.lists(st.sampled_from(["Tessaly.", "The", "answer", "is", "Korv
                                                  min_size=2, max_size=2),
        replies=st.lists(st.tuples(reply_words, st.one_of(st.none(), st.integers(0, 400))), min_size=4, max_size=4),
        count_prompt=st.booleans(), calls=st.lists(st.sampled_from(["Cheap", "Dear"]), min_size=1, max_size=4))
+@example(cap=1.0, prices=[(0.0, 5e-324), (0.0, 0.0)], replies=[([], None)] * 4, count_prompt=False,
+         calls=["Cheap"])  # a price so small that budget / price overflows
 def test_no_episode_spends_more_than_its_cap(cap, prices, replies, count_prompt, calls):
     """Random caps, prices (input ones charged or not), replies and reported token counts (None: the
     pool counts them): the ledger's raw cost stays within the cap, and so does every call's budget left."""
