@@ -243,12 +243,14 @@ def policy_points(router: LLMRouter, cfg: EvalConfig, task: Task) -> list[tuple[
 
 
 def play_llm_router(router: LLMRouter, cfg: EvalConfig, task: Task, normalizer, bar,
-                    episode: EpisodeConfig) -> list[dict]:
-    """Greedy rollouts of the router's model under `episode` in batches of `cfg.batch_size` (a sampled
-    alpha or cap drawn per question); the model's prompt and every token of its response (its own and
-    the inserted replies it reads) are charged to full cost."""
+                    episode: EpisodeConfig | None = None) -> list[dict]:
+    """Greedy rollouts of the router's model under `episode` (default: the router's view of the
+    evaluation's settings) in batches of `cfg.batch_size`, a sampled alpha or cap drawn per question;
+    the model's prompt and every token of its response (its own and the inserted replies it reads)
+    are charged to full cost."""
     from agents.rollout import run_rollouts
     from envs.vector import MultiRouteVectorEnv
+    episode = episode or router.episode_config(cfg.episode)
     model, tokenizer = router.load(cfg.device)
     env = MultiRouteVectorEnv(tokenizer, task.pool, episode)
     records = []
