@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -70,9 +72,13 @@ def first_error(summaries: Iterable[Mapping]) -> str | None:
     for s in summaries:
         for c in s["calls"]:
             if c.get("error"):
-                named = c["error"].startswith(f"{c['candidate']}: ")  # the openai backend names it already
-                return c["error"] if named else f"{c['candidate']}: {c['error']}"
+                return named_error(c["candidate"], c["error"])
     return None
+
+
+def named_error(candidate: str, error: str) -> str:
+    """A call's error text led by its candidate's name (once: the openai backend names it already)."""
+    return error if error.startswith(f"{candidate}: ") else f"{candidate}: {error}"
 
 
 class CallFailureMonitor:
@@ -95,3 +101,39 @@ class CallFailureMonitor:
                 f"{bad:.0f} of {total:.0f} candidate calls failed over the last {len(self.window)} {where} "
                 f"(calls.abort_rate={self.cfg.abort_rate}); first error: {error}. Check the candidate pool's "
                 "backend: is the server up, is base_url right, is the API key variable set?")
+
+
+class RecentCallFailures:
+    """A server's view of the same rule: the calls of the last `window_s` seconds, failing when at
+    least `cfg.abort_rate` of at least `cfg.min_calls` failed (a server reports it and never stops).
+    `observe` takes every call record (`CandidatePool.on_record`) from any thread."""
+
+    def __init__(self, cfg: CallFailureConfig, window_s: float = 60.0, clock=time.monotonic):
+        self.cfg, self.window_s, self.clock = cfg, window_s, clock
+        self._recent: deque[tuple[float, bool]] = deque()
+        self._lock = threading.Lock()
+        self.calls = self.failed = 0
+        self.by_kind: dict[str, int] = {}
+        self.last_error: str | None = None
+
+    def observe(self, record) -> None:
+        with self._lock:
+            self._recent.append((self.clock(), bool(record.error)))
+            self.calls += 1
+            if record.error:
+                self.failed += 1
+                kind = error_kind(record.error)
+                self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
+                self.last_error = named_error(record.candidate, record.error)
+
+    def snapshot(self) -> dict:
+        """Counts of the window and since the start, and whether the window is failing."""
+        with self._lock:
+            while self._recent and self._recent[0][0] < self.clock() - self.window_s:
+                self._recent.popleft()
+            calls, failed = len(self._recent), sum(f for _, f in self._recent)
+            return {"failing": calls >= self.cfg.min_calls and failed >= self.cfg.abort_rate * calls,
+                    "window_s": self.window_s, "recent_calls": calls, "recent_failed": failed,
+                    "recent_failed_call_rate": failed / max(calls, 1), "abort_rate": self.cfg.abort_rate,
+                    "min_calls": self.cfg.min_calls, "calls": self.calls, "failed_calls": self.failed,
+                    "failed_by_kind": dict(self.by_kind), "last_error": self.last_error}

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from agents.fast_model import FastModel
-from agents.rollout import ForcedSchedule, RolloutStats, episode_seed
+from agents.rollout import Feed, ForcedSchedule, RolloutStats, episode_seed
 from agents.sampling import choose_tokens
 from envs.episode import CALLING, GENERATING, eos_token_ids, token_texts
 from envs.vector import MultiRouteVectorEnv
@@ -364,24 +364,31 @@ class FastEngine:
 
     @torch.no_grad()
     def run(self, env: MultiRouteVectorEnv, examples: list, temperature: float, top_p: float, seed: int,
-            step: int, pad_id: int, index_offset: int = 0,
-            forced: ForcedSchedule | None = None) -> tuple[list[list[float]], RolloutStats]:
+            step: int, pad_id: int, index_offset: int = 0, forced: ForcedSchedule | None = None,
+            feed: Feed | None = None) -> tuple[list[list[float]], RolloutStats]:
         """Play one rollout phase (see `run_rollouts`); returns the sampler's log-prob of every policy
-        token, per episode. `pad_id` is unused: the cache is never padded."""
+        token, per episode. `pad_id` is unused: the cache is never padded. Episodes that `feed` starts
+        wait for a free slot like the phase's own."""
         env.reset(examples)
         self.eos[sorted(env.eos_ids)] = True  # the env's own end-of-sequence ids stop a burst too
         self.timings = dict.fromkeys(self.timings, 0.0)
-        n = len(examples)
-        keys = [episode_seed(seed, step, index_offset + i) for i in range(n)]
+        keys: list[int] = []
         ids, self.closing = forced_plan(forced, self.tokenizer)
         table = torch.full(self.forced_ids.shape, -1, dtype=torch.long)
         at = [c for c in ids if c < len(table)]
         table[at] = torch.tensor([ids[c] for c in at], dtype=torch.long)
         self.forced_ids.copy_(table)  # in place: captured graphs read it at this address
-        logps: list[list[float]] = [[] for _ in range(n)]
+        logps: list[list[float]] = []
         stats = RolloutStats()
-        waiting = deque(range(n))
+        waiting: deque[int] = deque()
         slots = [Slot() for _ in range(self.net.slots)]
+
+        def admit() -> None:
+            """Queue the episodes started since the last look (the phase's, then those `feed` added)."""
+            for i in range(len(keys), len(env.episodes)):
+                keys.append(episode_seed(seed, step, index_offset + i))
+                logps.append([])
+                waiting.append(i)
 
         def accept(s: Slot, tokens: list[int], lps: list[float]) -> int:
             """Push chosen tokens of slot s's episode up to the env's stop; returns how many it took."""
@@ -397,6 +404,9 @@ class FastEngine:
         wake = set(range(len(slots)))  # rows to upload even if unchanged: all at first (state left by others)
         while True:
             t0 = time.perf_counter()
+            if feed is not None:
+                feed(env)
+            admit()
             rows = self._settle(slots, env, waiting, stats) | wake
             wake = set()
             t1 = time.perf_counter()

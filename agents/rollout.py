@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -57,10 +58,17 @@ def _left_pad(contexts: list[list[int]], pad_id: int, device) -> tuple[torch.Ten
     return ids.to(device), mask.to(device)
 
 
+# feed(env) starts more episodes in a running phase with `env.add` (a server's new requests) and may
+# end generating ones with `Episode.truncate`; the engines call it at every boundary where episodes
+# can join (before a segment, before a decode burst)
+Feed = Callable[[MultiRouteVectorEnv], None]
+
+
 @torch.no_grad()
 def run_rollouts(model, env: MultiRouteVectorEnv, examples: list, temperature: float, top_p: float,
                  seed: int, step: int, pad_id: int, index_offset: int = 0,
-                 forced: ForcedSchedule | None = None, engine=None) -> tuple[list[list[float]], RolloutStats]:
+                 forced: ForcedSchedule | None = None, engine=None,
+                 feed: Feed | None = None) -> tuple[list[list[float]], RolloutStats]:
     """Play one rollout phase: every example's episode, all with the same weights, until all end.
 
     Each segment left-pads the contexts of the running episodes, prefills them once, and decodes
@@ -69,18 +77,28 @@ def run_rollouts(model, env: MultiRouteVectorEnv, examples: list, temperature: f
     and the replies inserted. Returns the sampler's log-prob of every policy token, per episode.
     `engine` (an `agents.fast_decode.FastEngine` built from `model`) plays the phase instead, with
     the same results under greedy decoding and its own keyed sampling stream otherwise.
+    `feed`, called before every segment, starts more episodes in the phase (see `Feed`); the phase
+    ends when no episode runs after it was called.
     """
     if engine is not None:
-        return engine.run(env, examples, temperature, top_p, seed, step, pad_id, index_offset, forced)
+        return engine.run(env, examples, temperature, top_p, seed, step, pad_id, index_offset, forced, feed)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     env.reset(examples)
-    gens = [episode_generator(seed, step, index_offset + i) for i in range(len(examples))]
-    logps: list[list[float]] = [[] for _ in examples]
-    queues: list[list[int]] = [[] for _ in examples]  # forced tokens still to write, per episode
+    gens: list[torch.Generator] = []
+    logps: list[list[float]] = []
+    queues: list[list[int]] = []  # forced tokens still to write, per episode
     stats = RolloutStats()
-    while env.active:
+    while True:
+        if feed is not None:
+            feed(env)
+        for i in range(len(gens), len(env.episodes)):  # the phase's examples, then those `feed` added
+            gens.append(episode_generator(seed, step, index_offset + i))
+            logps.append([])
+            queues.append([])
+        if not env.active:
+            break
         rows = env.active
         ids, mask = _left_pad([env.episodes[i].prompt_ids + env.episodes[i].response_ids for i in rows], pad_id, device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)

@@ -36,6 +36,13 @@ class MultiRouteVectorEnv:
         self._calls = {}
         return [e.prompt_ids for e in self.episodes]
 
+    def add(self, examples: Sequence[Any]) -> list[int]:
+        """Start one more episode per example beside those running (a server's new requests join a
+        rollout phase); return their indices."""
+        start = len(self.episodes)
+        self.episodes += make_episodes(examples, self.tokenizer, self.pool, self.cfg, self.eos_ids)
+        return list(range(start, len(self.episodes)))
+
     @property
     def active(self) -> list[int]:
         return [i for i, e in enumerate(self.episodes) if not e.done]

@@ -12,13 +12,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("rewards", "envs", "agents", "bench")
-SCRIPTS = ("train.py", "evaluate.py")
+SCRIPTS = ("train.py", "evaluate.py", "serve.py")
 LIBRARY = ("rewards", "envs", "agents")
 # What each library package may not import: the floors above it, the entry points and the benchmarks.
 FORBIDDEN = {
-    "rewards": ("envs", "agents", "train", "evaluate", "bench"),
-    "envs": ("agents", "train", "evaluate", "bench"),
-    "agents": ("train", "evaluate", "bench"),
+    "rewards": ("envs", "agents", "train", "evaluate", "serve", "bench"),
+    "envs": ("agents", "train", "evaluate", "serve", "bench"),
+    "agents": ("train", "evaluate", "serve", "bench"),
 }
 TASKS = ("envs.routeworld", "envs.tasks")  # chosen by the entry points; the routers know none of them
 
