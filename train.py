@@ -88,11 +88,9 @@ def report_points(cfg: TrainConfig) -> list[tuple[str, EpisodeConfig, float]]:
 
 def reference_rows(cfg: TrainConfig, task, tokenizer, normalizer, episode: EpisodeConfig,
                    alpha: float) -> dict[str, dict]:
-    """The task's scripted reference routers (each candidate asked the whole question, the oracle
-    plan at `alpha`), played in the env on the test questions, so they are measured like the policy:
-    the same `episode_metrics` (response tokens, calls per candidate) and the trained normalizer.
-    (evaluate.py's `fixed:<name>` router writes another thought before its call and scores with a
-    frozen normalizer, so its rows would not equal these.)"""
+    """The task's scripted reference routers (the oracle plan at `alpha`), played in the env on the
+    test questions, so they are measured like the policy: the same `episode_metrics` and the trained
+    normalizer."""
     from agents.trainer import episode_metrics
     rows = {}
     for name, script in task.references(alpha, normalizer).items():
@@ -102,24 +100,29 @@ def reference_rows(cfg: TrainConfig, task, tokenizer, normalizer, episode: Episo
     return rows
 
 
-def single_round_rows(cfg: TrainConfig, run_dir: Path, episode: EpisodeConfig,
-                      out: str = "single_round") -> dict[str, dict]:
-    """knn, mlp and mf trained on the training split's per-candidate outcomes and played in the same
-    env on the same test questions (evaluate.py's routers); the row is the best point of their lambda
-    grids by reward under `episode`'s alpha. Their full table is in `run_dir/<out>/`."""
+def baseline_rows(cfg: TrainConfig, run_dir: Path, task, episode: EpisodeConfig,
+                  out: str = "single_round") -> dict[str, dict]:
+    """evaluate.py's routers in the same env on the same test questions: `fixed:<name>` for every
+    candidate (the whole question to one candidate), and knn, mlp and mf trained on the training
+    split's per-candidate outcomes, whose row is the best point of their lambda grids by reward under
+    `episode`'s alpha. Their full table is in `run_dir/<out>/`."""
     import evaluate
     from agents.routers import RouterOptions
     ecfg = evaluate.EvalConfig(task="routeworld", world=cfg.task.world, world_preset=cfg.task.world_preset,
                                max_questions=cfg.task.n_test, episode=episode,
                                cost_normalizer=cfg.cost.normalizer, cost_options=cfg.cost.options,
                                routers=RouterOptions(features="tfidf"), outcome_matrix=False, seed=cfg.seed)
-    result = evaluate.evaluate_routers(ecfg, ["knn", "mlp", "mf"], run_dir / out)
-    best = max(result["rows"], key=lambda r: r["metrics"]["reward"])
-    o = best["metrics"]["by_dataset"]["overall"]
-    return {f"best single-round: {best['name']}": {
-        "eval/em": o["em"], "eval/format_error": o["format_error_rate"], "eval/raw_cost": o["raw_cost"],
-        "eval/calls": o["calls_per_question"], "eval/call_error_rate": best["metrics"]["call_error_rate"],
-        "eval/reward": best["metrics"]["reward"]}}
+    fixed = [f"fixed:{name}" for name in task.pool.names]
+    result = evaluate.evaluate_routers(ecfg, [*fixed, "knn", "mlp", "mf"], run_dir / out)
+
+    def row(r: dict) -> dict:
+        o = r["metrics"]["by_dataset"]["overall"]
+        return {"eval/em": o["em"], "eval/format_error": o["format_error_rate"], "eval/raw_cost": o["raw_cost"],
+                "eval/calls": o["calls_per_question"], "eval/call_error_rate": r["metrics"]["call_error_rate"],
+                "eval/reward": r["metrics"]["reward"]}
+    rows = {f"fixed: {r['name'].split(':', 1)[1]}": row(r) for r in result["rows"] if r["name"] in fixed}
+    best = max((r for r in result["rows"] if r["name"] not in fixed), key=lambda r: r["metrics"]["reward"])
+    return rows | {f"best single-round: {best['name']}": row(best)}
 
 
 def check_prompt_lengths(cfg: TrainConfig, task, tokenizer) -> None:
@@ -329,12 +332,12 @@ def train(cfg: TrainConfig, task, dist_, run_dir: Path, resume: bool) -> dict:
                            **{k.replace("eval/", "test/"): v for k, v in rows["trained policy" + points[0][0]].items()}})
     if dist_.is_main:
         for i, (suffix, ep, alpha) in enumerate(points):
+            if task.name == "routeworld":
+                out = "single_round" if i == 0 else f"single_round_a{alpha:g}"
+                rows.update({k + suffix: v for k, v in baseline_rows(cfg, run_dir, task, ep, out).items()})
             if task.references is not None:
                 rows.update({k + suffix: v for k, v in reference_rows(cfg, task, tokenizer, trainer.normalizer,
                                                                       ep, alpha).items()})
-            if task.name == "routeworld":
-                out = "single_round" if i == 0 else f"single_round_a{alpha:g}"
-                rows.update({k + suffix: v for k, v in single_round_rows(cfg, run_dir, ep, out).items()})
         rows = {k: rows[k] for suffix, _, _ in points for k in rows if k.endswith(suffix)} | rows  # by alpha
         table = write_report(run_dir, rows, logger.path)
         print(f"\nHeld-out results ({len(task.test)} test questions, alpha={cfg.episode.alpha}, "

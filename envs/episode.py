@@ -43,18 +43,18 @@ class EpisodeConfig:
 
     def __post_init__(self) -> None:
         if self.max_turns < 0:
-            raise ValueError(f"max_turns must be >= 0, got {self.max_turns}")
+            raise ValueError(f"episode.max_turns must be >= 0, got {self.max_turns}")
         if self.max_response_tokens < 1:
-            raise ValueError(f"max_response_tokens must be >= 1, got {self.max_response_tokens}")
+            raise ValueError(f"episode.max_response_tokens must be >= 1, got {self.max_response_tokens}")
         if self.max_info_tokens < 1:
-            raise ValueError(f"max_info_tokens must be >= 1, got {self.max_info_tokens}")
+            raise ValueError(f"episode.max_info_tokens must be >= 1, got {self.max_info_tokens}")
         if self.min_reply_tokens < 1:
             raise ValueError(f"episode.min_reply_tokens must be >= 1, got {self.min_reply_tokens}")
         check_spec("episode.alpha", self.alpha, unit=True)
         if self.max_cost is not None:
             check_spec("episode.max_cost", self.max_cost, unit=False)
         if self.metric not in ("em", "f1"):
-            raise ValueError(f"metric must be 'em' or 'f1', got {self.metric!r}")
+            raise ValueError(f"episode.metric must be 'em' or 'f1', got {self.metric!r}")
 
     @property
     def conditioned(self) -> bool:

@@ -42,8 +42,7 @@ def routeworld_world(world_overrides: dict, preset: str = "default"):
 
 def make_routeworld_task(world_overrides: dict, n_test: int, max_turns: int, prompt_template: str,
                          preset: str = "default") -> Task:
-    from envs.routeworld import extract_reply_answer, make_world_tokenizer, routeworld_pool, scripted_turn
-    from envs.chunks import answer_chunk, call_chunk
+    from envs.routeworld import make_world_tokenizer, routeworld_pool, scripted_turn
     world = routeworld_world(world_overrides, preset)
     pool = routeworld_pool(world)
     train, val, test = world.questions("train"), world.questions("val"), world.questions("test")[:n_test]
@@ -53,14 +52,6 @@ def make_routeworld_task(world_overrides: dict, n_test: int, max_turns: int, pro
     def script(example, replies, rng, names):
         return scripted_turn(example, replies, rng, names, "random", max_turns=max_turns)
 
-    def fixed_script(name):
-        """Send the whole question once to `name`, answer with its reply (the single-call baseline)."""
-        def turn(example, replies, rng, names):
-            if not replies:
-                return call_chunk(f"ask {name}", name, example["question"])
-            return answer_chunk(extract_reply_answer(replies[-1]))
-        return turn
-
     def oracle_script(alpha: float, normalizer):
         """The oracle plan at `alpha` (the best expected reward under `normalizer`), played in the env."""
         def turn(example, replies, rng, names):
@@ -69,9 +60,9 @@ def make_routeworld_task(world_overrides: dict, n_test: int, max_turns: int, pro
         return turn
 
     def references(alpha: float, normalizer) -> dict[str, Callable]:
-        """The scripted reference routers of the final table, each played on the test questions."""
-        return {**{f"fixed: {n}": fixed_script(n) for n in pool.names},
-                "oracle plan": oracle_script(alpha, normalizer)}
+        """The scripted reference routers of the final table that no evaluation router plays (the
+        fixed candidates are evaluate.py's `fixed:<name>` routers), each played on the test questions."""
+        return {"oracle plan": oracle_script(alpha, normalizer)}
 
     return Task("routeworld", train, test, pool, val=val, tokenizer=tokenizer, script=script, references=references,
                 extra={"world": world})
