@@ -64,6 +64,15 @@ def spec_range(spec: Spec) -> tuple[float, float]:
     return float(spec), float(spec)
 
 
+def spec_values(spec: Spec) -> list[float]:
+    """Every value a spec can give: the number, the sample set, or a range's steps of 0.01."""
+    if isinstance(spec, dict) and "sample" in spec:
+        return sorted({float(v) for v in spec["sample"]})
+    low, high = spec_range(spec)
+    steps = round((high - low) * 10**RANGE_DECIMALS)
+    return [round(low + i / 10**RANGE_DECIMALS, RANGE_DECIMALS) for i in range(steps + 1)]
+
+
 def in_range(spec: Spec, value: float) -> bool:
     """Whether `value` lies where `spec` gives values: one of a sample set, inside a range, or equal
     to a fixed number."""

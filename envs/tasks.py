@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
 from envs.candidates.pool import CandidatePool, load_pool
-from envs.prompts import build_prompt
+from envs.conditioning import spec_values
+from envs.prompts import build_prompt, condition_text
 
 
 @dataclass
@@ -41,13 +42,15 @@ def routeworld_world(world_overrides: dict, preset: str = "default"):
 
 
 def make_routeworld_task(world_overrides: dict, n_test: int, max_turns: int, prompt_template: str,
-                         preset: str = "default") -> Task:
+                         preset: str = "default", cues: Sequence[str] = ()) -> Task:
+    """RouteWorld's splits, simulated pool, world tokenizer (with `cues` as single tokens), scripted
+    warm start (random routing) and oracle-plan reference."""
     from envs.routeworld import make_world_tokenizer, routeworld_pool, scripted_turn
     world = routeworld_world(world_overrides, preset)
     pool = routeworld_pool(world)
     train, val, test = world.questions("train"), world.questions("val"), world.questions("test")[:n_test]
     prompts = [build_prompt(q["question"], pool.specs, prompt_template, max_turns) for q in train[:200]]
-    tokenizer = make_world_tokenizer(world, extra_texts=prompts)
+    tokenizer = make_world_tokenizer(world, extra_texts=prompts, cues=cues)
 
     def script(example, replies, rng, names):
         return scripted_turn(example, replies, rng, names, "random", max_turns=max_turns)
@@ -88,8 +91,10 @@ def make_task(cfg) -> Task:
     """Build the task named by `cfg.task` (a TrainConfig)."""
     t = cfg.task
     if t.name == "routeworld":
+        # a conditioned policy reads its cost weight from one token, as it reads a name
+        cues = [condition_text(a).strip() for a in spec_values(cfg.episode.alpha)] if cfg.episode.conditioned else []
         return make_routeworld_task(t.world, t.n_test, cfg.episode.max_turns, cfg.episode.prompt_template,
-                                    t.world_preset)
+                                    t.world_preset, cues)
     return make_qa_task(t.train_path, t.test_path, t.pool, t.n_test)
 
 

@@ -217,3 +217,19 @@ def test_the_gym_env_draws_a_sampled_alpha_from_its_own_generator():
     assert alphas == [env.reset(seed=s, options=QUESTION)[1]["alpha"] for s in range(12)]  # reset(seed) fixes it
     assert set(alphas) == {0.0, 0.3, 0.8}
     assert env.reset(seed=0, options={**QUESTION, "alpha": 0.5})[1]["alpha"] == 0.5  # or the options give it
+
+
+def test_a_conditioned_routeworld_reads_each_cost_weight_as_one_token_and_the_main_job_is_unchanged():
+    from agents.config import load_config
+    from envs.conditioning import spec_values
+    from envs.prompts import condition_text
+    from envs.tasks import make_task
+    assert spec_values({"low": 0.1, "high": 0.13}) == [0.1, 0.11, 0.12, 0.13]
+    assert spec_values({"sample": [0.8, 0, 0.3, 0.8]}) == [0.0, 0.3, 0.8]
+    conditioned = make_task(load_config("configs/routeworld_tiny_conditioned.yaml", [])).tokenizer
+    plain = make_task(load_config("configs/routeworld_tiny.yaml", [])).tokenizer
+    for alpha in (0.0, 0.3, 0.5, 0.8):
+        cue = condition_text(alpha).strip()
+        assert conditioned.encode(cue, add_special_tokens=False) == [conditioned.convert_tokens_to_ids(cue)]
+        assert len(plain.encode(cue, add_special_tokens=False)) > 1
+    assert len(conditioned) == len(plain) + 4

@@ -33,14 +33,15 @@ def world_texts(world: World) -> Iterator[str]:
 
 
 def make_world_tokenizer(
-    world: World, extra_texts: Iterable[str] = (), vocab_size: int = 640
+    world: World, extra_texts: Iterable[str] = (), vocab_size: int = 640, cues: Iterable[str] = ()
 ) -> PreTrainedTokenizerFast:
     """`byte_level_bpe` of `vocab_size` on `world_texts(world)` and `extra_texts` (e.g. the prompt), with
-    the 8 tag strings, the candidate names and every entity name (of both splits) as single tokens.
+    the 8 tag strings, the candidate names, every entity name (of both splits) and each of `cues` (e.g.
+    a conditioned prompt's "Cost weight: 0.5.") as single tokens.
     One token per name lets a tiny model learn to copy a name it has never seen asked about (a
     multi-token copy needs induction circuits that take far longer to train than the CPU budget
     allows); test names reach training only as wrong replies."""
     names = [p.name for p in world.config.candidates]
     entities = sorted({e for kind in world.entities for e in world.entities_of(kind)}, key=lambda e: (-len(e), e))
     return byte_level_bpe(list(world_texts(world)) + list(extra_texts), vocab_size,
-                          TAG_STRINGS + tuple(names) + tuple(entities))
+                          TAG_STRINGS + tuple(names) + tuple(entities) + tuple(cues))
