@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import shutil
 import threading
 import time
 
@@ -19,18 +20,20 @@ import pytest
 import torch
 import yaml
 from envs.candidates.fault_server import closed_port_url
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+from transformers import AutoModelForCausalLM, Qwen2Config
 
 import evaluate
 import serve
 from agents.config import load_config, redacted
 from agents.rollout import ForcedSchedule, run_rollouts
 from agents.routers import make_router
+from agents.routers.llm import load_tokenizer
 from agents.routing_settings import RoutingSettings, save_routing_settings
 from agents.serving import episode_result
 from agents.sft import play_scripted, sft_train
 from envs.candidates.simulated import SimulatedBackend
 from envs.candidates.pool import CandidatePool
+from envs.prompts import build_prompt
 from envs.tasks import make_task
 from envs.vector import MultiRouteVectorEnv
 from rewards import extract_answer
@@ -101,18 +104,30 @@ def ask_all(url: str, questions: list[str]) -> list:
     return asyncio.run(gather())
 
 
-def alone(policy, questions: list[str]) -> list[dict]:
-    """Each question's greedy episode run alone (a batch of one) through the simple rollout path."""
+def alone(policy, questions: list[str], conditions: list[dict] | None = None) -> list[dict]:
+    """Each question's greedy episode run alone (a batch of one) through the simple rollout path,
+    under its own conditions (alpha, max_cost) where given."""
     model, tok = make_router(f"policy:{policy}", None).load("cpu")
     settings = serve.load_routing_settings(policy)
     pool = serve.task_pool(policy, "routeworld")
     env = MultiRouteVectorEnv(tok, pool, settings.episode_config())
     out = []
-    for q in questions:
-        run_rollouts(model, env, [{"question": q, "golden_answers": [""]}], 0.0, 1.0, 0, 0, tok.pad_token_id)
+    for q, extra in zip(questions, conditions or [{}] * len(questions)):
+        run_rollouts(model, env, [{"question": q, "golden_answers": [""], **extra}], 0.0, 1.0, 0, 0, tok.pad_token_id)
         out.append(episode_result(env.episodes[0]))
     pool.close()
     return out
+
+
+def test_the_policys_tokenizer_loads_as_it_was_trained(checkpoint, questions):
+    """The world's BPE saved beside a Qwen2 policy gives a prompt the ids it had in training
+    (AutoTokenizer would load it as Qwen2Tokenizer, which splits the prices' digits one by one)."""
+    cfg = load_config("configs/routeworld_tiny.yaml", RUN)
+    task = make_task(cfg)
+    task.pool.close()
+    _, loaded = make_router(f"policy:{checkpoint}", None).load("cpu")
+    prompt = build_prompt(questions[0], task.pool.specs, cfg.episode.prompt_template, cfg.episode.max_turns)
+    assert "$0.05/M" in prompt and loaded.encode(prompt) == task.tokenizer.encode(prompt)
 
 
 def test_an_answer_carries_the_routing_of_its_episode(server, questions):
@@ -260,7 +275,7 @@ def slowed(policy, latency_s: float) -> CandidatePool:
 def calling(policy) -> ForcedSchedule:
     """Every episode calls Geo-Expert at its second token and answers at its 40th (a slow or failing
     candidate then holds or fails every episode)."""
-    return ForcedSchedule.calls_then_answer(AutoTokenizer.from_pretrained(policy), "Geo-Expert", [1], 40)
+    return ForcedSchedule.calls_then_answer(load_tokenizer(policy), "Geo-Expert", [1], 40)
 
 
 def test_beyond_max_concurrent_a_request_gets_429_naming_the_limit(checkpoint, questions):
@@ -392,3 +407,46 @@ def test_serve_config_refuses_bad_flags():
         serve.parse_args(["--policy", "p", "--task", "routeworld", "--max-concurrent", "8"])
     cfg = serve.parse_args(["--policy", "p", "--pool", "x.yaml", "--port", "9000", "--cost-weight", "0.5"])
     assert dataclasses.astuple(cfg)[:5] == ("p", "x.yaml", None, "127.0.0.1", 9000) and cfg.cost_weight == 0.5
+
+
+@pytest.fixture(scope="module")
+def conditioned(checkpoint, tmp_path_factory):
+    """The same weights with routing settings of a policy trained across cost weights and caps."""
+    policy = tmp_path_factory.mktemp("conditioned") / "policy"
+    shutil.copytree(checkpoint, policy)
+    (policy.parent / "config.yaml").write_text((checkpoint.parent / "config.yaml").read_text())
+    settings = serve.load_routing_settings(checkpoint)
+    save_routing_settings(policy, dataclasses.replace(settings, alpha={"sample": [0.0, 0.5, 0.8]},
+                                                      max_cost={"low": 5.0, "high": 50.0}))
+    return policy
+
+
+def test_cost_weights_and_caps_of_a_conditioned_policy_are_honoured_per_request_in_one_batch(conditioned, questions):
+    """Requests with different cost weights and caps share a batch; each plays the episode it would
+    play alone under its own weight and cap (stated in its prompt, the cap enforced by the env)."""
+    asks = [(q, w, cap) for q in questions[:12] for w, cap in ((None, None), (0.5, None), (0.8, 5.0))]
+    srv = serve.build_server(config(conditioned))
+    with serve.running(srv) as url:
+        async def gather():
+            c = openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0)
+            return await asyncio.gather(*[c.chat.completions.create(
+                model="router", messages=[{"role": "user", "content": q}],
+                extra_body={k: v for k, v in (("cost_weight", w), ("max_cost", cap)) if v is not None})
+                for q, w, cap in asks])
+        answers = asyncio.run(gather())
+        warned = ask(client(url), questions[0], extra_body={"cost_weight": 0.3}).model_extra["routing"]
+        with pytest.raises(openai.BadRequestError, match=r"'cost_weight': alpha=1.5 must lie in \[0, 1\]"):
+            ask(client(url), questions[0], extra_body={"cost_weight": 1.5})
+        with pytest.raises(openai.BadRequestError, match="'max_cost': max_cost=-2 must be > 0"):
+            ask(client(url), questions[0], extra_body={"max_cost": -2})
+    assert srv.service.stats["most_running"] >= 18
+    routing = [a.model_extra["routing"] for a in answers]
+    # no weight: the lowest trained one; no cap under sampled caps: the highest trained one
+    assert [(r["cost_weight"], r["max_cost"]) for r in routing[:3]] == [(0.0, 50.0), (0.5, 50.0), (0.8, 5.0)]
+    assert all(r["total_cost"] <= r["max_cost"] for r in routing)
+    prompts = {(w, cap): a.usage.prompt_tokens for a, (_, w, cap) in zip(answers, asks)}
+    assert len(set(prompts.values())) == 3  # each weight and cap is stated in its prompt
+    assert warned["cost_weight"] == 0.3 and "outside the trained alpha" in warned["warnings"][0]
+    expected = alone(conditioned, [q for q, _, _ in asks],
+                     [{"alpha": r["cost_weight"], "max_cost": r["max_cost"]} for r in routing])
+    assert [r["trajectory"] for r in routing] == [e["trajectory"] for e in expected]

@@ -16,6 +16,23 @@ from agents.routers.base import register_router
 from envs.episode import EpisodeConfig
 
 
+# tokenizer_config.json's class of a tokenizer saved from a plain `tokenizers` object (RouteWorld's BPE)
+PLAIN_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer saved beside a model, as it was saved. A plain `tokenizers` tokenizer (RouteWorld's)
+    is read by its own class: AutoTokenizer would pick the class of the model's type (Qwen2Tokenizer
+    for a Qwen2 policy), whose pre-tokenizer splits digits one by one, so the prices in a prompt would
+    get other ids than in training. Any other tokenizer loads through AutoTokenizer."""
+    import json
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    config = Path(path) / "tokenizer_config.json"
+    saved_class = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    loader = PreTrainedTokenizerFast if saved_class in PLAIN_TOKENIZERS else AutoTokenizer
+    return loader.from_pretrained(path, local_files_only=True)
+
+
 class LLMRouter:
     """Loads model and tokenizer from a local folder (never downloads) on first use."""
 
@@ -36,8 +53,8 @@ class LLMRouter:
     def load(self, device: str = "cpu"):
         """(model, tokenizer), loaded once; the tokenizer needs a pad token distinct from EOS."""
         if self.model is None:
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-            self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+            from transformers import AutoModelForCausalLM
+            self.tokenizer = load_tokenizer(self.path)
             if self.tokenizer.pad_token_id is None or self.tokenizer.pad_token_id == self.tokenizer.eos_token_id:
                 raise ValueError(f"{self.path}: the tokenizer needs a pad token distinct from EOS")
             self.model = AutoModelForCausalLM.from_pretrained(self.path, local_files_only=True).to(device).eval()
