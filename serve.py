@@ -40,7 +40,7 @@ from agents.call_errors import CallFailureConfig, RecentCallFailures
 from agents.config import TaskConfig, from_dict, read_yaml
 from agents.rollout import ForcedSchedule
 from agents.routers import make_router
-from agents.routing_settings import RoutingSettings, load_routing_settings
+from agents.routing_settings import RoutingRangeWarning, RoutingSettings, load_routing_settings
 from agents.serving import Job, Overloaded, RouterService, TooLong
 from envs.candidates.pool import CandidatePool, load_pool
 from envs.conditioning import spec_range
@@ -72,7 +72,7 @@ class ServeConfig:
     max_len: int = _opt(4096, "tokens an episode may fill, prompt included (at most the policy's context); a question "
                               "whose episode cannot fit gets a 413")
     request_timeout_s: float = _opt(300.0, "a request not answered by then gets a 504 and its episode is ended")
-    batch_window_ms: float = _opt(5.0, "a new rollout phase waits this long for questions sent together")
+    batch_window_ms: float = _opt(2.0, "a new rollout phase waits this long for questions sent together")
     cost_weight: float | None = _opt(None, "a conditioned policy's cost weight for requests that give none "
                                            "(default: the lowest it was trained at)")
     device: str = _opt("auto", "auto (cuda when available) | cpu | cuda")
@@ -143,10 +143,9 @@ def read_api_key(var: str | None) -> str | None:
     return key
 
 
-def task_pool(policy_dir: Path, task: str) -> CandidatePool:
-    """A task's own candidates (RouteWorld's simulated specialists), from the training config that
-    train.py saved beside `policy/`, so the world is the one the policy was trained in."""
-    from envs.routeworld import routeworld_pool
+def trained_world(policy_dir: Path, task: str = "routeworld"):
+    """The RouteWorld a policy was trained in, rebuilt from the training config that train.py saved
+    beside `policy/`."""
     from envs.tasks import routeworld_world
     config = policy_dir.parent / "config.yaml"
     if not config.is_file():
@@ -155,7 +154,14 @@ def task_pool(policy_dir: Path, task: str) -> CandidatePool:
     task_cfg = from_dict(TaskConfig, read_yaml(config).get("task") or {}, "task.")
     if task_cfg.name != task:
         raise ValueError(f"--task {task}, but the policy was trained on task {task_cfg.name!r} ({config})")
-    return routeworld_pool(routeworld_world(task_cfg.world, task_cfg.world_preset))
+    return routeworld_world(task_cfg.world, task_cfg.world_preset)
+
+
+def task_pool(policy_dir: Path, task: str) -> CandidatePool:
+    """A task's own candidates (RouteWorld's simulated specialists) in the world the policy was
+    trained in."""
+    from envs.routeworld import routeworld_pool
+    return routeworld_pool(trained_world(policy_dir, task))
 
 
 def build_server(cfg: ServeConfig, pool: CandidatePool | None = None, forced: ForcedSchedule | None = None) -> Server:
@@ -304,7 +310,10 @@ def episode_conditions(settings: RoutingSettings, req: ChatRequest, default_weig
         except ValueError as e:
             key = "max_cost" if "max_cost" in str(e) else "cost_weight"
             raise RequestError(400, f"'{key}': {e}", key) from None
-    return out, [str(w.message) for w in caught]
+    notes = [str(w.message) for w in caught if issubclass(w.category, RoutingRangeWarning)]
+    for note in notes:
+        log.warning("a request: %s", note)
+    return out, notes
 
 
 # ---------------------------------------------------------------------------------------------------

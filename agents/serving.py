@@ -167,9 +167,8 @@ class RouterService:
                 job = self._queue.popleft()
                 if not job.cancelled:  # its caller gave up while it was queued
                     jobs.append(job)
-            for job in jobs:  # no golden answer: the service scores nothing
-                i, = env.add([{"question": job.question, "golden_answers": [""], **(job.conditions or {})}])
-                self._running[i] = job
+            examples = [{"question": job.question, "golden_answers": [""], **(job.conditions or {})} for job in jobs]
+            self._running.update(zip(env.add(examples), jobs))  # no golden answer: the service scores nothing
             self._admitted += len(jobs)
             self.stats["episodes"] += len(jobs)
             self.stats["most_running"] = max(self.stats["most_running"], len(self._running))
