@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import os
 import statistics
 import tempfile
 import time
@@ -43,12 +44,13 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def main_job_server(policy: Path, max_batch: int) -> tuple[serve.Server, list[str]]:
+def main_job_server(policy: Path, max_batch: int, engine: str) -> tuple[serve.Server, list[str]]:
     """The main job's policy on RouteWorld with its own simulated candidates, and its test questions."""
     if not (policy / "config.json").is_file():
         raise SystemExit(f"bench.serve: no checkpoint at {policy}; make one with `python train.py` (~5 minutes on "
                          "2 CPU cores), or give --policy DIR")
-    server = serve.build_server(serve.ServeConfig(policy=str(policy), task="routeworld", max_batch=max_batch))
+    server = serve.build_server(serve.ServeConfig(policy=str(policy), task="routeworld", max_batch=max_batch,
+                                                  engine=engine))
     return server, [q["question"] for q in serve.trained_world(policy).questions("test")]
 
 
@@ -138,6 +140,8 @@ def main() -> None:
     p.add_argument("--policy", default=str(MAIN_JOB), help="CPU: the trained policy folder")
     p.add_argument("--random-0.5b", dest="random", action="store_true",
                    help="a random Qwen2.5-0.5B-shaped policy with forced turns (GPU)")
+    p.add_argument("--engine", default="auto", choices=("auto", "fast", "simple"),
+                   help="CPU: the rollout path (auto: the simple path; fast: the FastEngine, eager)")
     p.add_argument("--concurrency", default="1,8,64", help="comma-separated client counts")
     p.add_argument("--requests", type=int, default=4, help="requests per client (at least 16 per level)")
     p.add_argument("--bare", type=int, default=16, help="bare episodes timed (and questions at concurrency 1)")
@@ -146,7 +150,7 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         server, questions = (random_policy_server(Path(tmp), max(levels)) if args.random
-                             else main_job_server(Path(args.policy), max(levels)))
+                             else main_job_server(Path(args.policy), max(levels), args.engine))
         with serve.running(server) as url:
             warm = load(url, questions, max(levels), 1)  # graphs captured, caches filled
             bare_s, bare_traj = bare_episodes(server, questions[:max(args.bare, max(levels))])
@@ -172,7 +176,8 @@ def main() -> None:
     kind = "_".join(filter(None, ["serve", args.tag]))
     path = write_results(kind, {"policy": "random 0.5b, forced turns" if args.random else args.policy,
                                 "device": str(server.service.model.device), "engine": "fast" if server.service.engine
-                                else "simple", "threads": torch.get_num_threads(), "levels": levels,
+                                else "simple", "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                                "load_average": os.getloadavg(), "levels": levels,
                                 "rows": [{k: v for k, v in r.items() if k != "answers"} for r in rows],
                                 "summary": summary, "service_stats": stats})
     print(f"wrote {path}")
