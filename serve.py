@@ -57,8 +57,8 @@ def _opt(default: Any, help: str) -> Any:
 class ServeConfig:
     """serve.py's settings, one command-line flag each (`--max-batch` for max_batch)."""
 
-    policy: str = _opt(None, "a trained policy folder: train.py's checkpoints/<best|step_N>/policy (routing.json beside "
-                             "the weights)")
+    policy: str = _opt(None, "a trained policy folder: train.py's checkpoints/<best|step_N>/policy "
+                             "(routing.json beside the weights)")
     pool: str | None = _opt(None, "candidate pool YAML (OpenAI-compatible servers, replay, a response cache)")
     task: str | None = _opt(None, "routeworld: the task's own simulated candidates, rebuilt from the checkpoint's "
                                   "config.yaml (instead of --pool)")
@@ -178,6 +178,11 @@ def build_server(cfg: ServeConfig, pool: CandidatePool | None = None, forced: Fo
         pool = task_pool(policy_dir, cfg.task) if cfg.task else load_pool(cfg.pool)
     try:
         settings.check_pool(pool.specs)
+        if cfg.cost_weight is not None and not settings.is_conditioned:
+            raise ValueError(f"--cost-weight: this policy was trained at alpha={settings.alpha} only, not across "
+                             "cost weights")
+        if cfg.cost_weight is not None:
+            settings.check_alpha(cfg.cost_weight)
         device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         model, tokenizer = make_router(f"policy:{policy_dir}", None).load(device)
         model = model.to(getattr(torch, cfg.dtype))
@@ -282,7 +287,8 @@ def parse_chat(raw: bytes, model_name: str) -> ChatRequest:
                        _typed(body, "max_cost", (int, float), "a number of micro-dollars > 0"))
 
 
-def episode_conditions(settings: RoutingSettings, req: ChatRequest, default_weight: float | None) -> tuple[dict, list[str]]:
+def episode_conditions(settings: RoutingSettings, req: ChatRequest,
+                       default_weight: float | None) -> tuple[dict, list[str]]:
     """The example fields that set a request's cost weight and cap ({} for an unconditioned policy),
     and warnings for values outside what the policy was trained on. `cost_weight` needs a policy trained
     across alphas and `max_cost` one trained with a cap: otherwise a 400 naming the trained alpha."""
@@ -433,7 +439,7 @@ def make_app(server: Server) -> FastAPI:
             return StreamingResponse(stream(job, events, cid, req, conditions, notes), media_type="text/event-stream")
         try:
             event = await asyncio.wait_for(next_final(events), cfg.request_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise RequestError(504, f"no answer within request_timeout_s={cfg.request_timeout_s:g}") from None
         finally:
             job.cancelled = True  # ends the episode if it still runs (a timeout); no-op once it ended
@@ -458,7 +464,7 @@ def make_app(server: Server) -> FastAPI:
             while True:
                 try:
                     event = await asyncio.wait_for(events.get(), max(deadline - loop_time(), 0.0))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     yield sse_error(504, f"no answer within request_timeout_s={cfg.request_timeout_s:g}")
                     break
                 if event["type"] == "trajectory":

@@ -4,13 +4,13 @@ env's concurrent candidate calls, then the next segment, until every episode of 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from agents.sampling import sample_tokens
-from envs.episode import GENERATING
+from envs.episode import GENERATING, EpisodeConfig
 from envs.vector import MultiRouteVectorEnv
 
 
@@ -40,6 +40,12 @@ class ForcedSchedule:
         call = tokenizer.encode(f" </think>\n<search> {candidate}: forced question? </search>", add_special_tokens=False)
         answer = tokenizer.encode(" </think>\n<answer> forced </answer>", add_special_tokens=False)
         return cls({**{p: call for p in turns}, answer_at: answer})
+
+
+def episode_room(cfg: EpisodeConfig) -> int:
+    """A bound on the tokens an episode adds after its prompt: the policy's token limit and every
+    allowed reply (one more for a refused search's message), each with its tags."""
+    return cfg.max_response_tokens + (cfg.max_turns + 1) * (cfg.max_info_tokens + 32)
 
 
 @dataclass

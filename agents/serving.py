@@ -8,10 +8,10 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
-from agents.rollout import ForcedSchedule, run_rollouts
+from agents.rollout import ForcedSchedule, episode_room, run_rollouts
 from envs.candidates.pool import CandidatePool
 from envs.episode import GENERATING, Episode, EpisodeConfig, make_episodes
 from envs.vector import MultiRouteVectorEnv
@@ -56,12 +56,6 @@ def episode_result(e: Episode) -> dict:
     }
 
 
-def episode_room(cfg: EpisodeConfig) -> int:
-    """Tokens an episode may add after its prompt: the policy's token limit and every allowed reply
-    (one more for a refused search's message), each with its tags."""
-    return cfg.max_response_tokens + (cfg.max_turns + 1) * (cfg.max_info_tokens + 32)
-
-
 class RouterService:
     """Runs a policy's greedy episodes for questions submitted from any thread, in batches.
 
@@ -69,16 +63,16 @@ class RouterService:
     Before every segment or decode burst its `feed` reports the episodes that grew or ended and
     starts queued questions, up to `max_running` episodes at once; a phase ends when none runs, and
     the next starts `batch_window_s` after a question arrives, so questions sent together start
-    together. At most `max_held` questions are running or queued (`Overloaded` beyond).
+    together. At most `max_concurrent` questions are running or queued (`Overloaded` beyond).
     """
 
     def __init__(self, model, tokenizer, pool: CandidatePool, cfg: EpisodeConfig, max_len: int,
-                 max_running: int = 64, max_held: int = 256, engine=None, forced: ForcedSchedule | None = None,
-                 batch_window_s: float = 0.005, phase_limit: int = 4096):
-        if max_running < 1 or max_held < max_running:
-            raise ValueError(f"max_running={max_running} must be >= 1 and max_held={max_held} >= it")
+                 max_running: int = 64, max_concurrent: int = 256, engine=None,
+                 forced: ForcedSchedule | None = None, batch_window_s: float = 0.002, phase_limit: int = 4096):
+        if max_running < 1 or max_concurrent < max_running:
+            raise ValueError(f"max_running={max_running} must be >= 1 and max_concurrent={max_concurrent} >= it")
         self.model, self.tokenizer, self.pool, self.cfg = model, tokenizer, pool, cfg
-        self.max_len, self.max_running, self.max_held = max_len, max_running, max_held
+        self.max_len, self.max_running, self.max_concurrent = max_len, max_running, max_concurrent
         self.engine, self.forced = engine, forced
         self.batch_window_s, self.phase_limit = batch_window_s, phase_limit
         self.env = MultiRouteVectorEnv(tokenizer, pool, cfg)
@@ -107,13 +101,14 @@ class RouterService:
         return n
 
     def submit(self, job: Job) -> None:
-        """Queue a question; `Overloaded` when `max_held` are running or queued, or when closing."""
+        """Queue a question; `Overloaded` when `max_concurrent` are running or queued, or when closing."""
         with self._cond:
             if self._closing:
                 raise Overloaded("the server is shutting down")
             held = len(self._queue) + len(self._running)
-            if held >= self.max_held:
-                raise Overloaded(f"{held} questions are running or queued, the limit max_concurrent={self.max_held}")
+            if held >= self.max_concurrent:
+                raise Overloaded(f"{held} questions are running or queued, the limit "
+                                 f"max_concurrent={self.max_concurrent}")
             self._queue.append(job)
             self._cond.notify()
 

@@ -45,7 +45,7 @@ from agents.policy import (
     sequence_logprobs,
     sequence_values,
 )
-from agents.rollout import ForcedSchedule, run_rollouts
+from agents.rollout import ForcedSchedule, episode_room, run_rollouts
 from agents.routing_settings import RoutingSettings, save_routing_settings
 from envs.atomic import write_text_atomic
 from envs.conditioning import spec_range
@@ -216,7 +216,7 @@ class Trainer:
         alphas = [0.55] * len(questions)  # the prompt of a conditioned or capped episode states them
         caps = [spec_range(e.max_cost)[1] + 0.55 if e.max_cost is not None else None] * len(questions)
         prompt = max(map(len, episode_prompts(questions, self.tokenizer, self.task.pool, e, alphas, caps)))
-        return prompt + e.max_response_tokens + (e.max_turns + 1) * (e.max_info_tokens + 32)
+        return prompt + episode_room(e)
 
     # ------------------------------------------------------------ one RL step
 

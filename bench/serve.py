@@ -41,7 +41,7 @@ FORCED = ([16, 48], 80)  # forced call positions and answer position of the rand
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def main_job_server(policy: Path, max_batch: int, engine: str) -> tuple[serve.Server, list[str]]:
@@ -120,7 +120,8 @@ async def _clients(url: str, questions: list[str], clients: int, per_client: int
             i = (k * per_client + j) % len(questions)
             t = time.perf_counter()
             try:
-                r = await c.chat.completions.create(model="router", messages=[{"role": "user", "content": questions[i]}])
+                r = await c.chat.completions.create(model="router",
+                                                    messages=[{"role": "user", "content": questions[i]}])
                 latencies.append(time.perf_counter() - t)
                 answers[i] = r.model_extra["routing"]["trajectory"]
             except openai.APIError as e:

@@ -26,6 +26,7 @@ def load_tokenizer(path: Path):
     for a Qwen2 policy), whose pre-tokenizer splits digits one by one, so the prices in a prompt would
     get other ids than in training. Any other tokenizer loads through AutoTokenizer."""
     import json
+
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     config = Path(path) / "tokenizer_config.json"
     saved_class = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
