@@ -435,13 +435,16 @@ def make_app(server: Server) -> FastAPI:
         except Overloaded as e:
             raise RequestError(429, f"too many requests: {e}; retry later") from None
         cid = f"chatcmpl-{uuid.uuid4().hex}"
+        watcher = asyncio.create_task(cancel_on_disconnect(request, job))
         if req.stream:
-            return StreamingResponse(stream(job, events, cid, req, conditions, notes), media_type="text/event-stream")
+            return StreamingResponse(stream(job, events, watcher, cid, req, conditions, notes),
+                                     media_type="text/event-stream")
         try:
             event = await asyncio.wait_for(next_final(events), cfg.request_timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             raise RequestError(504, f"no answer within request_timeout_s={cfg.request_timeout_s:g}") from None
         finally:
+            watcher.cancel()
             job.cancelled = True  # ends the episode if it still runs (a timeout); no-op once it ended
         if event["type"] == "error":
             raise RequestError(503, event["message"])
@@ -454,7 +457,15 @@ def make_app(server: Server) -> FastAPI:
             if event["type"] != "trajectory":
                 return event
 
-    async def stream(job: Job, events: asyncio.Queue, cid: str, req: ChatRequest, conditions: dict, notes: list[str]):
+    async def cancel_on_disconnect(request: Request, job: Job) -> None:
+        """End the job's episode when its client goes away (once the body is read, the server's next
+        message is the disconnect)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        job.cancelled = True
+
+    async def stream(job: Job, events: asyncio.Queue, watcher: asyncio.Task, cid: str, req: ChatRequest,
+                     conditions: dict, notes: list[str]):
         """SSE chunks: the role, the trajectory as it grows (`trajectory` beside empty deltas), the
         answer as the only content, the finish reason with `routing`, usage if asked, [DONE]."""
         model = cfg.model_name
@@ -464,7 +475,7 @@ def make_app(server: Server) -> FastAPI:
             while True:
                 try:
                     event = await asyncio.wait_for(events.get(), max(deadline - loop_time(), 0.0))
-                except TimeoutError:
+                except asyncio.TimeoutError:
                     yield sse_error(504, f"no answer within request_timeout_s={cfg.request_timeout_s:g}")
                     break
                 if event["type"] == "trajectory":
@@ -481,7 +492,8 @@ def make_app(server: Server) -> FastAPI:
                 break
             yield "data: [DONE]\n\n"
         finally:
-            job.cancelled = True  # a client gone mid-stream ends its episode
+            watcher.cancel()
+            job.cancelled = True  # no-op once the episode ended
 
     return app
 

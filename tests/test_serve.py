@@ -317,6 +317,22 @@ def test_a_request_past_its_timeout_gets_504_and_its_episode_ends(checkpoint, qu
         assert srv.service.load == {"running": 0, "queued": 0}
 
 
+def test_a_client_that_leaves_mid_stream_ends_its_episode(checkpoint, questions):
+    """The client leaves after the first call's chunk; the episode ends when its second call returns
+    (on CPU the trajectory streams once a segment's calls are answered)."""
+    forced = ForcedSchedule.calls_then_answer(load_tokenizer(checkpoint), "Geo-Expert", [1, 20], 40)
+    srv = serve.build_server(config(checkpoint), pool=slowed(checkpoint, 0.5), forced=forced)
+    with serve.running(srv) as url:
+        body = {"model": "router", "stream": True, "messages": [{"role": "user", "content": questions[0]}]}
+        with httpx.stream("POST", f"{url}/chat/completions", json=body) as r:
+            assert next(line for line in r.iter_lines() if "trajectory" in line).startswith("data: ")
+        deadline = time.time() + 5
+        while srv.service.load["running"] and time.time() < deadline:
+            time.sleep(0.05)
+        episode = srv.service.env.episodes[0]
+    assert episode.end_reason == "cancelled" and len(episode.calls) == 2 and episode.policy_tokens < 40
+
+
 def failing_pool_file(tmp_path, policy) -> str:
     """The trained candidates behind an OpenAI-compatible URL where nothing listens."""
     specs = [{k: c[k] for k in ("name", "model", "params_b", "price_per_1m_output", "price_per_1m_input")}
