@@ -7,7 +7,8 @@ over one shared cost range, and a Pareto plot.
         --baseline runs/sweep                               # one conditioned policy per seed
 
 Each run is `python train.py --config configs/routeworld_tiny.yaml` in a process of its own, with
-`seed=S task.world={seed: S}` (each seed its own world), written to `OUT/<estimator>_a<alpha>_s<seed>`;
+`seed=S task.world={seed: S}` (each seed its own world) and the alpha's ALPHA_SETTINGS, written to
+`OUT/<estimator>_a<alpha>_s<seed>`;
 a run whose results.json exists is not run again. GRPO and RLOO sample 4 episodes per question from a
 quarter of the questions, so every estimator sees as many episodes and takes as many optimizer steps.
 With a conditioned `--config` (episode.alpha sampled, issue 26) each seed trains one policy
@@ -47,6 +48,15 @@ ESTIMATORS = {
     "reinforce_pp": ["algorithm.advantage=reinforce_pp"],
 }
 
+# What each cost weight changes in the main job's config, chosen by validation reward over seeds 0-2
+# from a small grid (bench/README.md, "Settings per cost weight"): a cost-sensitive reward needs a
+# faster actor and a KL pull towards the warm start, whose routing is random, to keep the cheap
+# specialists in play until routing by topic emerges. `--as-main-job` runs every alpha as the main job.
+ALPHA_SETTINGS = {
+    0.5: ["optim.actor_lr=3e-4", "algorithm.kl.coef=0.2"],
+    0.8: ["optim.actor_lr=3e-4", "algorithm.kl.coef=0.05"],
+}
+
 
 def run_name(estimator: str, alpha: float | None, seed: int) -> str:
     """A run's folder: one per alpha, or (alpha None) one conditioned policy for every alpha."""
@@ -54,7 +64,7 @@ def run_name(estimator: str, alpha: float | None, seed: int) -> str:
 
 
 def train_one(out: Path, config: Path, estimator: str, alpha: float | None, seed: int, threads: int,
-              extra: list[str]) -> Path:
+              extra: list[str], tuned: bool = True) -> Path:
     """One training run in a subprocess (alpha None: the config's own, sampled alpha); its stdout
     and stderr go to `<run_dir>/train.log`."""
     run_dir = out / run_name(estimator, alpha, seed)
@@ -63,7 +73,7 @@ def train_one(out: Path, config: Path, estimator: str, alpha: float | None, seed
     run_dir.mkdir(parents=True, exist_ok=True)
     args = [sys.executable, str(ROOT / "train.py"), "--config", str(config), f"run_dir={run_dir}", f"seed={seed}",
             f"task.world={{seed: {seed}}}", *([f"episode.alpha={alpha}"] if alpha is not None else []),
-            *ESTIMATORS[estimator], *extra]
+            *ESTIMATORS[estimator], *(ALPHA_SETTINGS.get(alpha, []) if tuned else []), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     with open(run_dir / "train.log", "w") as log:
         done = subprocess.run(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -77,10 +87,11 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 
 def single_round_points(run_dir: Path) -> dict[str, list[tuple[str, float, float]]]:
-    """Each single-round router's lambda grid: (setting, raw cost, EM) from the run's evaluation."""
+    """Each single-round router's lambda grid: (setting, raw cost, EM) from the run's evaluation
+    (whose `fixed:<name>` rows are curves of their own, read from the final table)."""
     result = json.loads((run_dir / "single_round" / "results.json").read_text())
     points: dict[str, list] = {}
-    for r in result["rows"]:
+    for r in (r for r in result["rows"] if r["router"] != "fixed"):
         o = r["metrics"]["by_dataset"]["overall"]
         points.setdefault(r["router"], []).append((r["setting"], o["raw_cost"], o["em"]))
     return points
@@ -179,6 +190,8 @@ def main(argv=None) -> dict:
     p.add_argument("--workers", type=int, default=1, help="runs at once")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: cores / workers)")
     p.add_argument("--out", default="runs/sweep")
+    p.add_argument("--as-main-job", action="store_true",
+                   help="no per-alpha settings (ALPHA_SETTINGS): every alpha trains with the main job's")
     p.add_argument("--baseline", default=None, help="a sweep's output folder whose trained policies are drawn "
                    "and scored as the curve 'baseline: trained policies' (e.g. the fixed-alpha sweep)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides for every run")
@@ -197,7 +210,8 @@ def main(argv=None) -> dict:
     per_seed = [None] if conditioned else alphas  # one conditioned policy for every alpha
     jobs = [(e, a, s) for e in estimators for s in seeds for a in per_seed]
     with ThreadPoolExecutor(args.workers) as pool:
-        list(pool.map(lambda j: train_one(out, Path(args.config), *j, threads, args.overrides), jobs))
+        list(pool.map(lambda j: train_one(out, Path(args.config), *j, threads, args.overrides,
+                                                 not args.as_main_job), jobs))
 
     table = summarize(out, estimators, alphas, seeds, conditioned)
     aiqs, cost_range, curve_points = None, None, None
