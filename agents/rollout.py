@@ -3,21 +3,20 @@ env's concurrent candidate calls, then the next segment, until every episode of 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from agents.sampling import sample_tokens
+from envs.conditioning import stream_key
 from envs.episode import GENERATING, EpisodeConfig
 from envs.vector import MultiRouteVectorEnv
 
 
 def episode_seed(seed: int, step: int, index: int) -> int:
     """The 63-bit key of one episode's sampling stream, from (seed, step, episode index)."""
-    digest = hashlib.blake2b(f"{seed}/{step}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+    return stream_key(seed, step, index)
 
 
 def episode_generator(seed: int, step: int, index: int, device: str | torch.device = "cpu") -> torch.Generator:
