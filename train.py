@@ -30,7 +30,6 @@ from agents.trainer import MetricsLogger, Trainer, complete_checkpoints, latest_
 from envs.atomic import write_atomic, write_text_atomic
 from envs.candidates.pool import CandidatePool
 from envs.candidates.simulated import SimulatedBackend
-from envs.conditioning import spec_range
 from envs.episode import EpisodeConfig, with_conditions
 from envs.prompts import build_prompt
 from envs.tasks import make_task, seeded_rng
@@ -136,8 +135,7 @@ def check_prompt_lengths(cfg: TrainConfig, task, tokenizer) -> None:
         context = cfg.model.init.get("max_position_embeddings", 2048)
     e = cfg.episode
     budget = context - e.max_response_tokens - e.max_turns * (e.max_info_tokens + 8)
-    alpha = 0.55 if e.conditioned else None  # stated in a conditioned or capped prompt
-    cap = spec_range(e.max_cost)[1] + 0.55 if e.max_cost is not None else None
+    alpha, cap = e.longest_conditions()  # stated in a conditioned or capped prompt
     base = len(tokenizer.encode(build_prompt("?", task.pool.specs, e.prompt_template, e.max_turns, alpha, cap),
                                 add_special_tokens=False))
     for split, rows in (("train", task.train), ("val", task.val), ("test", task.test)):

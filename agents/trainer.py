@@ -48,7 +48,6 @@ from agents.policy import (
 from agents.rollout import ForcedSchedule, episode_room, run_rollouts
 from agents.routing_settings import RoutingSettings, save_routing_settings
 from envs.atomic import write_text_atomic
-from envs.conditioning import spec_range
 from envs.episode import EpisodeConfig, episode_prompts, with_conditions
 from envs.vector import MultiRouteVectorEnv
 from rewards import make_cost_normalizer
@@ -213,9 +212,9 @@ class Trainer:
         there (`FastEngine`), with a warning."""
         e = self.cfg.episode
         questions = [str(ex["question"]) for ex in list(self.task.train) + list(self.task.test)]
-        alphas = [0.55] * len(questions)  # the prompt of a conditioned or capped episode states them
-        caps = [spec_range(e.max_cost)[1] + 0.55 if e.max_cost is not None else None] * len(questions)
-        prompt = max(map(len, episode_prompts(questions, self.tokenizer, self.task.pool, e, alphas, caps)))
+        alpha, cap = e.longest_conditions()  # stated in the prompt of a conditioned or capped episode
+        prompt = max(map(len, episode_prompts(questions, self.tokenizer, self.task.pool, e,
+                                              [alpha] * len(questions), [cap] * len(questions))))
         return prompt + episode_room(e)
 
     # ------------------------------------------------------------ one RL step

@@ -13,7 +13,7 @@ from tokenizers.decoders import DecodeStream
 
 from envs.candidates.pool import CandidatePool
 from envs.candidates.spec import CallRecord
-from envs.conditioning import check_spec, draw, is_sampled
+from envs.conditioning import check_spec, draw, is_sampled, spec_range
 from envs.prompts import build_prompt, prompt_token_ids
 from rewards import RewardBreakdown, compute_reward
 from rewards.cost import CostNormalizer
@@ -60,6 +60,14 @@ class EpisodeConfig:
     def conditioned(self) -> bool:
         """Alpha is given per question (sampled): the prompt states it."""
         return is_sampled(self.alpha)
+
+    def longest_conditions(self) -> tuple[float | None, float | None]:
+        """An alpha and a cap whose statement makes a prompt as long as these settings draw (for bounds
+        on a prompt's length): 0.55 (two decimals, the precision a drawn alpha has), and the largest cap
+        plus 0.55; None where the prompt states none."""
+        alpha = 0.55 if self.conditioned else None
+        cap = spec_range(self.max_cost)[1] + 0.55 if self.max_cost is not None else None
+        return alpha, cap
 
     def pinned(self, alpha: float | None = None, max_cost: float | None = None) -> "EpisodeConfig":
         """These settings with alpha (and, when given, the cap) fixed at one value, e.g. to evaluate a

@@ -46,9 +46,10 @@ def affordable_tokens(spent: float, cap: float, prompt_tokens: int, price_per_1m
     """The most completion tokens (at most `limit`) a call may take so that `spent` plus its cost
     stays within `cap`, its priced prompt tokens paid first; 0 when not even those fit. Checked in
     the same float arithmetic as the ledger's sum, so the sum never passes the cap by a rounding."""
-    if spent + call_cost(prompt_tokens, 0, price_per_1m_input, 0.0) > cap:
+    prompt_cost = call_cost(prompt_tokens, 0, price_per_1m_input, 0.0)
+    if spent + prompt_cost > cap:
         return 0
-    left = cap - spent - call_cost(prompt_tokens, 0, price_per_1m_input, 0.0)
+    left = cap - spent - prompt_cost
     if price_per_1m_output <= 0 or left >= limit * price_per_1m_output:
         n = limit
     else:  # left / price is below limit here, finite even for a tiny price
