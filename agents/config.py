@@ -16,7 +16,7 @@ import yaml
 from agents.advantages import AdvantageConfig, get_advantage
 from agents.call_errors import CallFailureConfig
 from agents.losses import LOSS_AGGREGATIONS, validate_kl_placement
-from envs.conditioning import check_spec
+from envs.conditioning import check_spec, in_range, is_sampled, spec_values
 from envs.episode import EpisodeConfig
 from rewards.compose import load_reward_fn
 from rewards.cost import make_cost_normalizer
@@ -217,6 +217,9 @@ class TrainConfig:
     # the alphas at which the final table reports a conditioned policy (episode.alpha sampled): one
     # block of rows per alpha, each played with that alpha stated in the prompt
     report_alphas: list = field(default_factory=list)
+    # stages before episode.alpha applies, each [until_step, alpha spec] drawn from the trained values,
+    # e.g. [[40, {sample: [0.8]}]]: the cost weights where routing by topic pays come first (issue 26)
+    alpha_curriculum: list = field(default_factory=list)
     cost: CostConfig = field(default_factory=CostConfig)
     reward_fn: str | None = None  # "module:function" with rewards.compute_reward's signature
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -234,6 +237,14 @@ class TrainConfig:
     deepspeed: str | None = None  # zero2 | zero3 | zero3_offload (configs/deepspeed/<name>.json) | a .json path
     device: str = "auto"  # auto | cpu | cuda
 
+    def episode_at(self, step: int) -> EpisodeConfig:
+        """The episode settings RL step `step` draws its prompts' conditions from: those of the first
+        `alpha_curriculum` stage whose `until_step` lies above `step`, else `episode`."""
+        for until_step, alpha in self.alpha_curriculum:
+            if step < until_step:  # a stage of one number stays a sample set, so the prompt states it
+                return dataclasses.replace(self.episode, alpha=alpha if is_sampled(alpha) else {"sample": [alpha]})
+        return self.episode
+
     def __post_init__(self):
         _positive("total_steps", self.total_steps)
         _positive("log_every", self.log_every)
@@ -249,6 +260,7 @@ class TrainConfig:
                              "as {sample: [...]} or {low: .., high: ..}")
         for i, a in enumerate(self.report_alphas):
             check_spec(f"report_alphas[{i}]", a, unit=True)
+        check_curriculum(self.alpha_curriculum, self.episode.alpha)
         if self.reward_fn:
             load_reward_fn(self.reward_fn)  # a bad module:function fails before any model loads
         if get_advantage(self.algorithm.advantage).groups and self.rollout.n_per_prompt < 2:
@@ -267,6 +279,26 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------- loading
+
+def check_curriculum(stages: list, trained: Any) -> None:
+    """Each stage is [until_step, alpha spec], `until_step` rising, and every alpha a stage can give
+    lies where the trained spec `episode.alpha` gives values (so the prompt's words are known)."""
+    if stages and not is_sampled(trained):
+        raise ValueError(f"alpha_curriculum needs a conditioned policy: episode.alpha={trained!r} is one value")
+    last = 0
+    for i, stage in enumerate(stages):
+        key = f"alpha_curriculum[{i}]"
+        if not isinstance(stage, (list, tuple)) or len(stage) != 2 or isinstance(stage[0], bool) \
+                or not isinstance(stage[0], int) or stage[0] <= last:
+            raise ValueError(f"{key}={stage!r} must be [until_step, alpha spec] with until_step an integer "
+                             f"above {last}")
+        check_spec(f"{key}[1]", stage[1], unit=True)
+        outside = [v for v in spec_values(stage[1]) if not in_range(trained, v)]
+        if outside:
+            shown = ", ".join(f"{v:g}" for v in outside[:4]) + (", ..." if len(outside) > 4 else "")
+            raise ValueError(f"{key}[1]={stage[1]!r} gives {shown}, outside episode.alpha={trained!r}")
+        last = stage[0]
+
 
 def _one_of(key: str, value: Any, allowed: Sequence) -> None:
     if value not in allowed:

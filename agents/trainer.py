@@ -260,7 +260,7 @@ class Trainer:
         # group ids are assigned to prompts BEFORE repeating, so a group is one question's n rollouts
         group_ids = (grpo_group_ids(per_rank, n) + d.rank * per_rank).tolist()
         # a sampled alpha or cap is drawn per prompt, then repeated with it: a group shares them
-        prompts = with_conditions([self.task.train[i] for i in mine], cfg.episode, cfg.seed, self.step,
+        prompts = with_conditions([self.task.train[i] for i in mine], cfg.episode_at(self.step), cfg.seed, self.step,
                                   index_offset=d.rank * per_rank)
         examples = repeat_for_group(prompts, n)
         t0 = time.perf_counter()

@@ -233,3 +233,49 @@ def test_a_conditioned_routeworld_reads_each_cost_weight_as_one_token_and_the_ma
         assert conditioned.encode(cue, add_special_tokens=False) == [conditioned.convert_tokens_to_ids(cue)]
         assert len(plain.encode(cue, add_special_tokens=False)) > 1
     assert len(conditioned) == len(plain) + 4
+
+
+def test_a_conditioned_scripted_thought_restates_the_cost_weight_and_a_plain_one_is_unchanged():
+    from envs.routeworld.script import hop_thought, scripted_turn
+    from envs.routeworld.world import WorldConfig, make_world
+    world = make_world(WorldConfig(seed=0))
+    question = world.questions("train")[0]
+    names = [c.name for c in world.config.candidates]
+    plain = scripted_turn(question, [], np.random.default_rng(0), names)
+    conditioned = scripted_turn({**question, "alpha": 0.8}, [], np.random.default_rng(0), names)
+    thought = hop_thought(question["hops"][0]["relation"], question["hops"][0]["subject"])
+    assert f"<think> {thought} </think>" in plain
+    assert f"<think> {thought}. Cost weight: 0.8. </think>" in conditioned
+    assert plain.split("</think>")[1] == conditioned.split("</think>")[1]  # the same random call
+
+
+# --- a curriculum over the cost weight -------------------------------------------------------------
+
+def test_curriculum_stages_draw_their_own_alphas_then_the_trained_set():
+    from agents.config import load_config
+    cfg = load_config("configs/routeworld_tiny_conditioned.yaml",
+                      ["alpha_curriculum=[[2, 0.8], [4, {sample: [0.5, 0.8]}]]"])
+    questions = [dict(QUESTION, question=f"{QUESTION['question']} ({i})") for i in range(40)]
+
+    def alphas(step):
+        return {e["alpha"] for e in with_conditions(questions, cfg.episode_at(step), cfg.seed, step)}
+    assert alphas(0) == alphas(1) == {0.8}
+    assert cfg.episode_at(0).conditioned  # a one-number stage still states its alpha in the prompt
+    assert alphas(2) == alphas(3) == {0.5, 0.8}
+    assert alphas(4) == {0.0, 0.3, 0.5, 0.8} and cfg.episode_at(4) == cfg.episode
+
+
+@pytest.mark.parametrize("stages, match", [
+    ("[[40, 0.9]]", r"alpha_curriculum\[0\]\[1\]=0.9 gives 0.9, outside episode.alpha"),
+    ("[[40, {low: 0.5, high: 0.8}]]", r"gives 0.51, 0.52, 0.53, 0.54, \.\.\., outside"),  # a range over a sample set
+    ("[[0, 0.8]]", r"alpha_curriculum\[0\]=\[0, 0.8\] must be \[until_step, alpha spec\]"),
+    ("[[40, 0.8], [40, 0.5]]", r"alpha_curriculum\[1\].*above 40"),
+    ("[[40, 1.5]]", r"alpha_curriculum\[0\]\[1\]=1.5 must lie in \[0, 1\]"),
+    ("[40]", r"alpha_curriculum\[0\]=40"),
+])
+def test_a_bad_curriculum_is_refused_when_the_config_is_read(stages, match):
+    from agents.config import load_config
+    with pytest.raises(ValueError, match=match):
+        load_config("configs/routeworld_tiny_conditioned.yaml", [f"alpha_curriculum={stages}"])
+    with pytest.raises(ValueError, match="alpha_curriculum needs a conditioned policy"):
+        load_config("configs/routeworld_tiny.yaml", ["alpha_curriculum=[[40, 0.8]]"])

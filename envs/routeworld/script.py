@@ -11,6 +11,7 @@ import numpy as np
 from envs.candidates.pool import CandidatePool
 from envs.candidates.spec import CallRecord
 from envs.chunks import UNKNOWN, answer_chunk, call_chunk
+from envs.prompts import condition_text
 from envs.routeworld.candidates import extract_reply_answer
 from envs.routeworld.oracle import oracle_plan
 from envs.routeworld.world import RELATIONS, World
@@ -24,10 +25,13 @@ POLICIES = ("random", "oracle")
 DOMAIN_WORDS = {"geo": "geography", "people": "people", "business": "business"}
 
 
-def hop_thought(relation: str, subject: str) -> str:
-    """The thought before a hop's call: what is needed, and the kind of question it is."""
+def hop_thought(relation: str, subject: str, alpha: float | None = None) -> str:
+    """The thought before a hop's call: what is needed, the kind of question it is and, in an episode
+    whose prompt states a cost weight, that weight in the prompt's words ("... a geography question.
+    Cost weight: 0.8."), so the choice that follows reads both from the thought just written."""
     rel = RELATIONS[relation]
-    return f"need {rel.phrase.format(subject)}, a {DOMAIN_WORDS[rel.domain]} question"
+    thought = f"need {rel.phrase.format(subject)}, a {DOMAIN_WORDS[rel.domain]} question"
+    return thought if alpha is None else f"{thought}. {condition_text(alpha).strip()}"
 
 
 def scripted_turn(
@@ -48,7 +52,8 @@ def scripted_turn(
     `max_turns` calls were made, answer with the entity extracted from the last reply
     ("<think> the answer is X </think>\\n<answer> X </answer>"). Otherwise ask the next hop,
     naming the entity the previous reply gave ("<think> need the country of X, a geography question </think>\\n
-    <search> Name: In which country is X? </search>"). "random" sends each hop to a uniformly random
+    <search> Name: In which country is X? </search>"); an example with its own `alpha` (a conditioned
+    episode's) also states it in that thought. "random" sends each hop to a uniformly random
     candidate of `candidate_names` (drawn from `rng`); "oracle" follows `oracle_plan` at `alpha`
     (needs `world`), asking a two-hop question whole when that plan does.
     """
@@ -70,7 +75,8 @@ def scripted_turn(
     relation = RELATIONS[hops[n]["relation"]]
     subject = hops[0]["subject"] if n == 0 else last
     name = names[n] if policy == "oracle" else candidate_names[int(rng.integers(len(candidate_names)))]
-    return call_chunk(hop_thought(hops[n]["relation"], subject), name, relation.ask.format(subject))
+    thought = hop_thought(hops[n]["relation"], subject, example.get("alpha"))
+    return call_chunk(thought, name, relation.ask.format(subject))
 
 
 @dataclass
