@@ -217,8 +217,9 @@ class TrainConfig:
     # the alphas at which the final table reports a conditioned policy (episode.alpha sampled): one
     # block of rows per alpha, each played with that alpha stated in the prompt
     report_alphas: list = field(default_factory=list)
-    # stages before episode.alpha applies, each [until_step, alpha spec] drawn from the trained values,
-    # e.g. [[40, {sample: [0.8]}]]: the cost weights where routing by topic pays come first (issue 26)
+    # stages before episode.alpha applies, each [until_step, alpha spec], e.g. [[80, 0.8]]: the cost
+    # weight where routing by topic pays most comes first (a conditioned policy's stages draw from its
+    # trained values; a fixed-alpha run's stages are numbers its reward uses, unstated in the prompt)
     alpha_curriculum: list = field(default_factory=list)
     cost: CostConfig = field(default_factory=CostConfig)
     reward_fn: str | None = None  # "module:function" with rewards.compute_reward's signature
@@ -237,13 +238,10 @@ class TrainConfig:
     deepspeed: str | None = None  # zero2 | zero3 | zero3_offload (configs/deepspeed/<name>.json) | a .json path
     device: str = "auto"  # auto | cpu | cuda
 
-    def episode_at(self, step: int) -> EpisodeConfig:
-        """The episode settings RL step `step` draws its prompts' conditions from: those of the first
-        `alpha_curriculum` stage whose `until_step` lies above `step`, else `episode`."""
-        for until_step, alpha in self.alpha_curriculum:
-            if step < until_step:  # a stage of one number stays a sample set, so the prompt states it
-                return dataclasses.replace(self.episode, alpha=alpha if is_sampled(alpha) else {"sample": [alpha]})
-        return self.episode
+    def alpha_at(self, step: int) -> Any:
+        """The alpha spec RL step `step` draws its prompts' cost weights from: that of the first
+        `alpha_curriculum` stage whose `until_step` lies above `step`, else None (episode.alpha)."""
+        return next((alpha for until_step, alpha in self.alpha_curriculum if step < until_step), None)
 
     def __post_init__(self):
         _positive("total_steps", self.total_steps)
@@ -281,10 +279,9 @@ class TrainConfig:
 # ---------------------------------------------------------------- loading
 
 def check_curriculum(stages: list, trained: Any) -> None:
-    """Each stage is [until_step, alpha spec], `until_step` rising, and every alpha a stage can give
-    lies where the trained spec `episode.alpha` gives values (so the prompt's words are known)."""
-    if stages and not is_sampled(trained):
-        raise ValueError(f"alpha_curriculum needs a conditioned policy: episode.alpha={trained!r} is one value")
+    """Each stage is [until_step, alpha spec], `until_step` rising. A conditioned policy's stage gives
+    only alphas where its trained spec `episode.alpha` gives values (so the prompt's words are known);
+    a fixed-alpha run's stage is one number in [0, 1]."""
     last = 0
     for i, stage in enumerate(stages):
         key = f"alpha_curriculum[{i}]"
@@ -293,7 +290,10 @@ def check_curriculum(stages: list, trained: Any) -> None:
             raise ValueError(f"{key}={stage!r} must be [until_step, alpha spec] with until_step an integer "
                              f"above {last}")
         check_spec(f"{key}[1]", stage[1], unit=True)
-        outside = [v for v in spec_values(stage[1]) if not in_range(trained, v)]
+        if not is_sampled(trained) and is_sampled(stage[1]):
+            raise ValueError(f"{key}[1]={stage[1]!r}: a fixed-alpha run's stage is one number (the prompt "
+                             f"states no cost weight); sample alphas with a conditioned episode.alpha")
+        outside = [v for v in spec_values(stage[1]) if is_sampled(trained) and not in_range(trained, v)]
         if outside:
             shown = ", ".join(f"{v:g}" for v in outside[:4]) + (", ..." if len(outside) > 4 else "")
             raise ValueError(f"{key}[1]={stage[1]!r} gives {shown}, outside episode.alpha={trained!r}")

@@ -260,8 +260,8 @@ class Trainer:
         # group ids are assigned to prompts BEFORE repeating, so a group is one question's n rollouts
         group_ids = (grpo_group_ids(per_rank, n) + d.rank * per_rank).tolist()
         # a sampled alpha or cap is drawn per prompt, then repeated with it: a group shares them
-        prompts = with_conditions([self.task.train[i] for i in mine], cfg.episode_at(self.step), cfg.seed, self.step,
-                                  index_offset=d.rank * per_rank)
+        prompts = with_conditions([self.task.train[i] for i in mine], cfg.episode, cfg.seed, self.step,
+                                  index_offset=d.rank * per_rank, alpha=cfg.alpha_at(self.step))
         examples = repeat_for_group(prompts, n)
         t0 = time.perf_counter()
         with self.m.actor_engine.generation() as policy:  # ZeRO-3: weights gathered once for the phase

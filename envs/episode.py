@@ -283,19 +283,22 @@ class Episode:
 
 
 def with_conditions(examples: Sequence[Any], cfg: EpisodeConfig, seed: int, step: int | str,
-                    index_offset: int = 0) -> list[Any]:
+                    index_offset: int = 0, alpha: Any = None) -> list[Any]:
     """Each example with the alpha and max_cost its episodes play under, where the config samples
     them and the example does not give them: drawn from the stream keyed by (seed, step, prompt
     index). Call it before a prompt is repeated for its GRPO/RLOO group, so the group shares them.
-    Fixed values are left to the config."""
-    if not is_sampled(cfg.alpha) and not is_sampled(cfg.max_cost):
+    Fixed values are left to the config. `alpha` (a curriculum stage's spec) stands in for
+    `cfg.alpha`: drawn when sampled, set on every example when one number."""
+    specs = {"alpha": cfg.alpha if alpha is None else alpha, "max_cost": cfg.max_cost}
+    names = [n for n, spec in specs.items() if is_sampled(spec) or (n == "alpha" and alpha is not None)]
+    if not names:
         return list(examples)
     out = []
     for i, example in enumerate(examples):
         row = dict(example) if isinstance(example, dict) else dict(vars(example))
-        for name in ("alpha", "max_cost"):
-            if is_sampled(getattr(cfg, name)) and row.get(name) is None:
-                row[name] = draw(getattr(cfg, name), seed, step, index_offset + i, name)
+        for name in names:
+            if row.get(name) is None:
+                row[name] = draw(specs[name], seed, step, index_offset + i, name)
         out.append(row)
     return out
 

@@ -257,12 +257,26 @@ def test_curriculum_stages_draw_their_own_alphas_then_the_trained_set():
                       ["alpha_curriculum=[[2, 0.8], [4, {sample: [0.5, 0.8]}]]"])
     questions = [dict(QUESTION, question=f"{QUESTION['question']} ({i})") for i in range(40)]
 
-    def alphas(step):
-        return {e["alpha"] for e in with_conditions(questions, cfg.episode_at(step), cfg.seed, step)}
-    assert alphas(0) == alphas(1) == {0.8}
-    assert cfg.episode_at(0).conditioned  # a one-number stage still states its alpha in the prompt
-    assert alphas(2) == alphas(3) == {0.5, 0.8}
-    assert alphas(4) == {0.0, 0.3, 0.5, 0.8} and cfg.episode_at(4) == cfg.episode
+    def alphas(config, step):
+        drawn = with_conditions(questions, config.episode, config.seed, step, alpha=config.alpha_at(step))
+        return {e.get("alpha") for e in drawn}
+    assert alphas(cfg, 0) == alphas(cfg, 1) == {0.8}
+    assert alphas(cfg, 2) == alphas(cfg, 3) == {0.5, 0.8}
+    assert alphas(cfg, 4) == {0.0, 0.3, 0.5, 0.8} and cfg.alpha_at(4) is None
+    # a fixed-alpha run's stage sets the alpha its reward uses; after it, the config's own applies
+    plain = load_config("configs/routeworld_tiny.yaml", ["episode.alpha=0.5", "alpha_curriculum=[[3, 0.8]]"])
+    assert alphas(plain, 2) == {0.8} and alphas(plain, 3) == {None}
+
+
+def test_a_fixed_alpha_runs_curriculum_changes_the_reward_and_not_the_prompt():
+    pool = CandidatePool(SPECS, SimulatedBackend({"Geo-Expert": lambda r: ("Tessaly.", 10)}))
+    env = MultiRouteVectorEnv(tiny_tokenizer(), pool, EpisodeConfig(alpha=0.5))
+    env.reset([QUESTION] + with_conditions([QUESTION], env.cfg, 0, 0, alpha=0.8))
+    play(env, [[CALL.format(name="Geo-Expert"), ANSWER]] * 2)
+    assert env.episodes[0].prompt_ids == env.episodes[1].prompt_ids  # the prompt states no cost weight
+    totals = [r.total for r, _ in env.finish(BudgetNormalizer(10.0))]
+    score = 1 - 10 * 0.2 / 10.0
+    assert totals == pytest.approx([0.5 + 0.5 * score, 0.2 + 0.8 * score])
 
 
 @pytest.mark.parametrize("stages, match", [
@@ -277,5 +291,9 @@ def test_a_bad_curriculum_is_refused_when_the_config_is_read(stages, match):
     from agents.config import load_config
     with pytest.raises(ValueError, match=match):
         load_config("configs/routeworld_tiny_conditioned.yaml", [f"alpha_curriculum={stages}"])
-    with pytest.raises(ValueError, match="alpha_curriculum needs a conditioned policy"):
-        load_config("configs/routeworld_tiny.yaml", ["alpha_curriculum=[[40, 0.8]]"])
+
+
+def test_a_fixed_alpha_runs_curriculum_stage_is_one_number():
+    from agents.config import load_config
+    with pytest.raises(ValueError, match=r"alpha_curriculum\[0\]\[1\].*is one number"):
+        load_config("configs/routeworld_tiny.yaml", ["alpha_curriculum=[[40, {sample: [0.5, 0.8]}]]"])
