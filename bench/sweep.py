@@ -91,7 +91,7 @@ def single_round_points(run_dir: Path) -> dict[str, list[tuple[str, float, float
     (whose `fixed:<name>` rows are curves of their own, read from the final table)."""
     result = json.loads((run_dir / "single_round" / "results.json").read_text())
     points: dict[str, list] = {}
-    for r in (r for r in result["rows"] if r["router"] != "fixed"):
+    for r in (r for r in result["rows"] if not r["router"].startswith("fixed")):
         o = r["metrics"]["by_dataset"]["overall"]
         points.setdefault(r["router"], []).append((r["setting"], o["raw_cost"], o["em"]))
     return points
