@@ -95,7 +95,7 @@ def reference_rows(cfg: TrainConfig, task, tokenizer, normalizer, episode: Episo
     for name, script in task.references(alpha, normalizer).items():
         env = MultiRouteVectorEnv(tokenizer, task.pool, episode)
         play_scripted(env, with_conditions(task.test, episode, cfg.seed, "eval"), script, seeded_rng(cfg.seed, 2))
-        rows[name] = episode_metrics([s for _, s in env.finish(normalizer)], "eval")
+        rows[name] = episode_metrics([s for _, s in env.finish(normalizer)], "eval", task.episode_stats)
     return rows
 
 
@@ -202,7 +202,11 @@ def select_checkpoint(trainer: Trainer, task) -> dict[str, float]:
 def write_report(run_dir: Path, rows: dict[str, dict], metrics_path: Path) -> str:
     """The final table (Markdown) and curves.png (reward, EM and cost over training steps)."""
     cols = [("eval/em", "EM"), ("eval/format_error", "format err"), ("eval/raw_cost", "raw cost"),
-            ("eval/calls", "calls/q"), ("eval/call_error_rate", "call err"), ("eval/reward", "reward")]
+            ("eval/calls", "calls/q"), ("eval/call_error_rate", "call err"), ("eval/reward", "reward"),
+            ("eval/two_hop_split_share", "2-hop split")]
+    for m in rows.values():  # RouteWorld: the share of two-hop questions asked hop by hop
+        if m.get("eval/two_hop"):
+            m["eval/two_hop_split_share"] = m["eval/hop_split"] / m["eval/two_hop"]
     table = markdown_table(["router"] + [c for _, c in cols],
                            [[name] + [f"{m[k]:.3f}" if k in m else "-" for k, _ in cols] for name, m in rows.items()])
     write_text_atomic(run_dir / "results.md", table + "\n")

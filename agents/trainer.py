@@ -111,9 +111,10 @@ class PromptSampler:
 
 # ---------------------------------------------------------------- episodes -> metrics
 
-def episode_metrics(summaries: list[dict], prefix: str) -> dict[str, float]:
+def episode_metrics(summaries: list[dict], prefix: str, task_stats=None) -> dict[str, float]:
     """Mean reward, EM (outcome), format-error rate, raw cost, calls per episode and per candidate,
-    and failed calls (`call_failure_metrics`)."""
+    failed calls (`call_failure_metrics`), and the task's own per-episode means (`task_stats`:
+    summaries -> {name: mean}, e.g. RouteWorld's two-hop questions asked hop by hop)."""
     n = max(len(summaries), 1)
     out = {
         f"{prefix}/reward": sum(s["reward"]["total"] for s in summaries) / n,
@@ -127,6 +128,8 @@ def episode_metrics(summaries: list[dict], prefix: str) -> dict[str, float]:
         for c in s["calls"]:
             key = f"{prefix}/calls_{c['candidate']}"
             out[key] = out.get(key, 0.0) + 1.0 / n
+    if task_stats is not None and summaries:
+        out.update({f"{prefix}/{k}": v for k, v in task_stats(summaries).items()})
     return {**out, **call_failure_metrics(summaries, prefix)}
 
 
@@ -224,7 +227,7 @@ class Trainer:
         in that order."""
         t0 = time.perf_counter()
         batch, summaries, metrics = self.rollout()
-        episodes = self._reduce(episode_metrics(summaries, "train"), len(summaries))
+        episodes = self._reduce(episode_metrics(summaries, "train", self.task.episode_stats), len(summaries))
         n = self.cfg.rollout.n_prompts * self.cfg.rollout.n_per_prompt  # episodes of the step, all ranks
         self.call_monitor.observe(episodes["train/calls"] * n, episodes["train/failed_calls"] * n,
                                   first_error(summaries))
@@ -399,7 +402,7 @@ class Trainer:
                 run_rollouts(policy, env, mine[start:start + chunk], 0.0, 1.0, self.cfg.seed, -1, self.pad_id,
                              forced=self.forced, engine=engine)
                 summaries += [s for _, s in env.finish(self.normalizer)]
-        return self._reduce(episode_metrics(summaries, prefix), len(summaries)), summaries
+        return self._reduce(episode_metrics(summaries, prefix, self.task.episode_stats), len(summaries)), summaries
 
     # ------------------------------------------------------------ checkpoints
 

@@ -60,6 +60,11 @@ ALPHA_SETTINGS = {
 }
 
 
+# The final-table columns the sweep averages over seeds; two_hop_split_share (RouteWorld: the share of
+# two-hop test questions asked hop by hop) exists for the policy and the oracle plan only.
+METRICS = ("em", "raw_cost", "reward", "format_error", "two_hop_split_share")
+
+
 def run_name(estimator: str, alpha: float | None, seed: int) -> str:
     """A run's folder: one per alpha, or (alpha None) one conditioned policy for every alpha."""
     return f"{estimator}_cond_s{seed}" if alpha is None else f"{estimator}_a{alpha:g}_s{seed}"
@@ -120,7 +125,7 @@ def summarize(out: Path, estimators: list[str], alphas: list[float], seeds: list
             runs = [final_rows(out / run_name(est, None, s), alpha) if conditioned
                     else final_rows(out / run_name(est, alpha, s)) for s in seeds]
             rows = {name: {m: mean_sd([r[name][f"eval/{m}"] for r in runs])
-                           for m in ("em", "raw_cost", "reward", "format_error") if f"eval/{m}" in runs[0][name]}
+                           for m in METRICS if f"eval/{m}" in runs[0][name]}
                     for name in runs[0]}
             fixed = [k for k in rows if k.startswith("fixed: ")]
             rows["best fixed candidate"] = rows[max(fixed, key=lambda k: rows[k]["reward"][0])]
@@ -154,10 +159,9 @@ def shared_aiq(curve_points: dict[str, list]) -> tuple[dict[str, float], tuple[f
 def markdown(table: dict, aiqs: dict | None, cost_range: tuple | None, n_seeds: int) -> str:
     lines = [f"Held-out RouteWorld test questions, mean ± sd over {n_seeds} seeds (each its own world).", ""]
     for setting, rows in table.items():
-        keys = ("em", "raw_cost", "reward", "format_error")
         lines += [f"### {setting}", "", markdown_table(
-            ["router", "EM", "raw cost", "reward", "format err"],
-            [[name] + [f"{m[k][0]:.3f} ± {m[k][1]:.3f}" if k in m else "-" for k in keys] for name, m in rows.items()]), ""]
+            ["router", "EM", "raw cost", "reward", "format err", "2-hop split"],
+            [[name] + [f"{m[k][0]:.3f} ± {m[k][1]:.3f}" if k in m else "-" for k in METRICS] for name, m in rows.items()]), ""]
     if aiqs:
         lines += [f"AIQ over the shared cost range [{cost_range[0]:.2f}, {cost_range[1]:.2f}] micro-$:", "",
                   markdown_table(["curve", "AIQ"], [[k, f"{v:.3f}"] for k, v in aiqs.items()])]

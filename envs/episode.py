@@ -266,6 +266,7 @@ class Episode:
     def summary(self, reward: RewardBreakdown) -> dict:
         """What `info` carries at the end of an episode."""
         return {
+            "question": self.question,
             "trajectory": self.text,
             "calls": [c.as_dict() for c in self.calls],
             "raw_cost": self.raw_cost,

@@ -5,6 +5,7 @@ training split's per-candidate outcomes that learned routers fit on."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -31,6 +32,8 @@ class Task:
     # () -> agents.routers.outcomes.OutcomeData of the training split, for learned routers (evaluate.py);
     # None: the task has none
     train_outcomes: Callable | None = None
+    # (episode summaries) -> {name: mean over episodes} the task adds to its metrics; None: none
+    episode_stats: Callable | None = None
 
 
 def routeworld_world(world_overrides: dict, preset: str = "default"):
@@ -46,6 +49,7 @@ def make_routeworld_task(world_overrides: dict, n_test: int, max_turns: int, pro
     """RouteWorld's splits, simulated pool, world tokenizer (with `cues` as single tokens), scripted
     warm start (random routing) and oracle-plan reference."""
     from envs.routeworld import make_world_tokenizer, routeworld_pool, scripted_turn
+    from envs.routeworld.decomposition import decomposition_stats
     world = routeworld_world(world_overrides, preset)
     pool = routeworld_pool(world)
     train, val, test = world.questions("train"), world.questions("val"), world.questions("test")[:n_test]
@@ -68,7 +72,7 @@ def make_routeworld_task(world_overrides: dict, n_test: int, max_turns: int, pro
         return {"oracle plan": oracle_script(alpha, normalizer)}
 
     return Task("routeworld", train, test, pool, val=val, tokenizer=tokenizer, script=script, references=references,
-                extra={"world": world})
+                extra={"world": world}, episode_stats=partial(decomposition_stats, world))
 
 
 def make_qa_task(train_path: str, test_path: str | None, pool_path: str, n_test: int) -> Task:

@@ -15,6 +15,7 @@ from envs.routeworld import (DEFAULT_COST_BUDGET, RELATIONS, UNKNOWN, CandidateP
                              make_world_tokenizer, oracle_plan, oracle_summary, plan_disagreement,
                              routeworld_candidates, routeworld_pool, scripted_trajectory, success_probability)
 from envs.routeworld.candidates import reply_text, reply_tokens
+from envs.routeworld.decomposition import decomposition_stats, hop_split
 from rewards import compute_reward, exact_match, format_errors, make_cost_normalizer
 from rewards.tags import TAGS, close_tag, open_tag
 
@@ -433,6 +434,24 @@ def test_scripted_oracle_policy_earns_the_oracle_summarys_reward(world, pool):
         summary = oracle_summary(world, "train", alpha)
         assert np.mean(rewards) == pytest.approx(summary.reward, abs=0.05)
         assert np.mean([t.cost for _, t in played]) == pytest.approx(summary.cost, rel=0.15)
+
+
+def test_hop_split_counts_the_two_hop_questions_asked_hop_by_hop(world, pool):
+    """The oracle plan's own calls decide it: split where its plan has a call per hop, whole where it
+    asks the question whole; one-hop questions do not count."""
+    for alpha in (0.0, 0.8):
+        played = _play(world, pool, "test", "oracle", alpha=alpha)
+        summaries = [{"question": q["question"], "calls": [{"query": r.query} for r in t.records]} for q, t in played]
+        for (q, _), s in zip(played, summaries):
+            plan = oracle_plan(world, q, alpha=alpha)
+            expected = None if len(q["hops"]) == 1 else len(plan.calls) == len(q["hops"])
+            assert hop_split(world, s) is expected, (q["question"], plan.calls)
+        stats = decomposition_stats(world, summaries)
+        two_hop = [q for q, _ in played if len(q["hops"]) == 2]
+        assert stats["two_hop"] == pytest.approx(len(two_hop) / len(played))
+        split = sum(len(oracle_plan(world, q, alpha=alpha).calls) == 2 for q in two_hop)
+        assert stats["hop_split"] == pytest.approx(split / len(played))
+    assert decomposition_stats(world, [{"question": "Who knows?", "calls": []}]) == {"two_hop": 0.0, "hop_split": 0.0}
 
 
 def test_without_candidates_the_answers_cannot_be_guessed(world):
