@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import logging
+import math
 import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -237,7 +238,8 @@ def policy_points(router: LLMRouter, cfg: EvalConfig, task: Task) -> list[tuple[
     points = []
     for a in cfg.alphas or [alpha]:
         for c in cfg.max_costs or [None]:
-            label = ", ".join(([f"alpha={a:g}"] if cfg.alphas else []) + ([f"max_cost={c:g}"] if c is not None else []))
+            cap = [] if c is None else ["no cap" if math.isinf(c) else f"max_cost={c:g}"]
+            label = ", ".join(([f"alpha={a:g}"] if cfg.alphas else []) + cap)
             points.append((label, settings.episode_config(alpha=a, max_cost=c)))
     return points
 

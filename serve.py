@@ -43,7 +43,7 @@ from agents.routers import make_router
 from agents.routing_settings import RoutingRangeWarning, RoutingSettings, load_routing_settings
 from agents.serving import Job, Overloaded, RouterService, TooLong
 from envs.candidates.pool import CandidatePool, load_pool
-from envs.conditioning import spec_range
+from envs.conditioning import cap_for_json, spec_range
 
 log = logging.getLogger("serve")
 TASKS = ("routeworld",)
@@ -311,7 +311,7 @@ def episode_conditions(settings: RoutingSettings, req: ChatRequest,
             if req.max_cost is not None:
                 settings.check_max_cost(req.max_cost)
                 out["max_cost"] = req.max_cost
-            elif isinstance(settings.max_cost, dict):  # a sampled cap: the most generous one trained
+            elif isinstance(settings.max_cost, dict):  # a sampled cap: the most generous one trained (.inf: none)
                 out["max_cost"] = spec_range(settings.max_cost)[1]
         except ValueError as e:
             key = "max_cost" if "max_cost" in str(e) else "cost_weight"
@@ -333,7 +333,7 @@ def routing_field(result: dict, conditions: dict, notes: list[str]) -> dict:
             "failed_calls": sum(bool(c["error"]) for c in calls), "end_reason": result["end_reason"],
             "turns": result["turns"], "format_errors": result["format_errors"], "trajectory": result["trajectory"],
             **({"cost_weight": conditions["alpha"]} if "alpha" in conditions else {}),
-            **({"max_cost": conditions["max_cost"]} if "max_cost" in conditions else {}),
+            **({"max_cost": cap_for_json(conditions["max_cost"])} if "max_cost" in conditions else {}),
             **({"warnings": notes} if notes else {})}
 
 
@@ -409,7 +409,7 @@ def make_app(server: Server) -> FastAPI:
         s = server.settings
         return {"object": "list", "data": [{
             "id": cfg.model_name, "object": "model", "created": server.started, "owned_by": "routerl",
-            "routing": {"candidates": [c["name"] for c in s.candidates], "alpha": s.alpha, "max_cost": s.max_cost,
+            "routing": {"candidates": [c["name"] for c in s.candidates], "alpha": s.alpha, "max_cost": cap_for_json(s.max_cost),
                         "conditioned": s.is_conditioned, "max_turns": s.max_turns}}]}
 
     @app.get("/health")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import yaml
 from agents.config import TaskConfig, from_dict
 from envs.atomic import write_text_atomic
 from envs.candidates.spec import CandidateSpec
-from envs.conditioning import check_spec, in_range, is_sampled, spec_range
+from envs.conditioning import as_cap, check_spec, in_range, is_sampled, spec_range
 from envs.episode import EpisodeConfig
 
 ROUTING_FILE = "routing.json"
@@ -29,10 +30,10 @@ class RoutingRangeWarning(UserWarning):
 
 
 def _describe(spec: Any) -> str:
-    if spec is None:
+    if spec is None or spec == math.inf:
         return "no cap"
     if isinstance(spec, dict) and "sample" in spec:
-        return "the set {" + ", ".join(f"{v:g}" for v in spec["sample"]) + "}"
+        return "the set {" + ", ".join("no cap" if math.isinf(v) else f"{v:g}" for v in spec["sample"]) + "}"
     low, high = spec_range(spec)
     return f"the range [{low:g}, {high:g}]" if low != high else f"{low:g} only"
 
@@ -118,10 +119,10 @@ class RoutingSettings:
         """Refuse a cap <= 0; warn when a cap (or none) lies outside what the policy was trained on."""
         if max_cost is not None:
             check_spec("max_cost", max_cost, unit=False)
-        trained = self.max_cost
-        inside = (max_cost is None) if trained is None else (max_cost is not None and in_range(trained, max_cost))
+        cap, trained = as_cap(max_cost), self.max_cost  # infinity is no cap
+        inside = (cap is None) if trained is None else in_range(trained, math.inf if cap is None else cap)
         if not inside:
-            shown = "no cap" if max_cost is None else f"{max_cost:g}"
+            shown = "no cap" if cap is None else f"{cap:g}"
             warnings.warn(f"max_cost={shown} lies outside the trained max_cost ({_describe(trained)}); "
                           "the policy never saw it in training", RoutingRangeWarning, stacklevel=2)
 

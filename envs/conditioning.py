@@ -1,6 +1,8 @@
 """Per-question routing conditions: the cost weight `alpha` and the spending cap `max_cost`, each given
 as a number, a set to sample from (`{sample: [...]}`) or a range (`{low: .., high: ..}`), checked when
-a config is read and drawn per prompt from a stream keyed by (seed, step, prompt index)."""
+a config is read and drawn per prompt from a stream keyed by (seed, step, prompt index). A cap of
+infinity (`.inf` in YAML) is no cap: in a sample set it draws questions whose prompt states no budget,
+so one policy learns to answer with and without one."""
 
 from __future__ import annotations
 
@@ -21,10 +23,12 @@ def stream_key(*parts: Any) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def _check_number(key: str, value: Any, unit: bool) -> float:
-    """One value: a finite number, in [0, 1] for a weight (`unit`) or > 0 for a cap."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{key}={value!r} must be a number")
+def _check_number(key: str, value: Any, unit: bool, inf_ok: bool = False) -> float:
+    """One value: a finite number, in [0, 1] for a weight (`unit`) or > 0 for a cap; infinity (no cap)
+    where `inf_ok`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
+            or (math.isinf(value) and not (inf_ok and not unit and value > 0)):
+        raise ValueError(f"{key}={value!r} must be a number" + (" (or .inf: no cap)" if inf_ok and not unit else ""))
     if unit and not 0.0 <= value <= 1.0:
         raise ValueError(f"{key}={value!r} must lie in [0, 1]")
     if not unit and not value > 0:
@@ -40,7 +44,7 @@ def check_spec(key: str, spec: Spec, unit: bool) -> None:
             if not isinstance(spec["sample"], list) or not spec["sample"]:
                 raise ValueError(f"{key}.sample={spec['sample']!r} must be a non-empty list of numbers")
             for i, v in enumerate(spec["sample"]):
-                _check_number(f"{key}.sample[{i}]", v, unit)
+                _check_number(f"{key}.sample[{i}]", v, unit, inf_ok=True)
             return
         if set(spec) == {"low", "high"}:
             low, high = _check_number(f"{key}.low", spec["low"], unit), _check_number(f"{key}.high", spec["high"], unit)
@@ -48,7 +52,7 @@ def check_spec(key: str, spec: Spec, unit: bool) -> None:
                 raise ValueError(f"{key}: low={low:g} is above high={high:g}")
             return
         raise ValueError(f"{key}={spec!r} must be a number, {{sample: [...]}} or {{low: .., high: ..}}")
-    _check_number(key, spec, unit)
+    _check_number(key, spec, unit, inf_ok=True)
 
 
 def is_sampled(spec: Spec) -> bool:
@@ -62,6 +66,25 @@ def spec_range(spec: Spec) -> tuple[float, float]:
         values = spec["sample"] if "sample" in spec else [spec["low"], spec["high"]]
         return float(min(values)), float(max(values))
     return float(spec), float(spec)
+
+
+def largest_cap(spec: Spec) -> float | None:
+    """The largest finite cap a spec can give (None when it gives only "no cap")."""
+    values = spec["sample"] if isinstance(spec, dict) and "sample" in spec else list(spec_range(spec))
+    finite = [float(v) for v in values if math.isfinite(v)]
+    return max(finite) if finite else None
+
+
+def as_cap(value: float | None) -> float | None:
+    """A drawn or given cap as an episode holds it: infinity is no cap (None)."""
+    return None if value is None or math.isinf(value) else float(value)
+
+
+def cap_for_json(spec: Spec) -> Spec:
+    """A cap or its spec as strict JSON can hold it: infinity (no cap) as None (null)."""
+    if isinstance(spec, dict):
+        return {k: [as_cap(v) for v in vs] if isinstance(vs, list) else as_cap(vs) for k, vs in spec.items()}
+    return as_cap(spec)
 
 
 def spec_values(spec: Spec) -> list[float]:

@@ -13,7 +13,7 @@ from tokenizers.decoders import DecodeStream
 
 from envs.candidates.pool import CandidatePool
 from envs.candidates.spec import CallRecord
-from envs.conditioning import check_spec, draw, is_sampled, spec_range
+from envs.conditioning import as_cap, check_spec, draw, is_sampled, largest_cap
 from envs.prompts import build_prompt, prompt_token_ids
 from rewards import RewardBreakdown, compute_reward
 from rewards.cost import CostNormalizer
@@ -66,8 +66,8 @@ class EpisodeConfig:
         on a prompt's length): 0.55 (two decimals, the precision a drawn alpha has), and the largest cap
         plus 0.55; None where the prompt states none."""
         alpha = 0.55 if self.conditioned else None
-        cap = spec_range(self.max_cost)[1] + 0.55 if self.max_cost is not None else None
-        return alpha, cap
+        cap = largest_cap(self.max_cost) if self.max_cost is not None else None
+        return alpha, None if cap is None else cap + 0.55
 
     def pinned(self, alpha: float | None = None, max_cost: float | None = None) -> "EpisodeConfig":
         """These settings with alpha (and, when given, the cap) fixed at one value, e.g. to evaluate a
@@ -316,9 +316,12 @@ def _condition(example: dict, cfg: EpisodeConfig, key: str, index: int) -> float
         raise ValueError(f"example {index} has no {key!r} but episode.{key}={spec!r} is sampled; draw it per "
                          "prompt with envs.episode.with_conditions")
     if value is None:
-        return None if spec is None else float(spec)
-    check_spec(f"example {index}: {key}", value, unit=key == "alpha")
-    return float(value)
+        value = spec
+    else:
+        check_spec(f"example {index}: {key}", value, unit=key == "alpha")
+    if key == "max_cost":
+        return as_cap(value)  # infinity: no cap
+    return None if value is None else float(value)
 
 
 def make_episodes(examples: Sequence[Any], tokenizer, pool: CandidatePool, cfg: EpisodeConfig,

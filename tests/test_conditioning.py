@@ -14,7 +14,7 @@ from envs import EpisodeConfig, MultiRouteEnv, MultiRouteVectorEnv
 from envs.candidates import CandidatePool, CandidateSpec
 from envs.candidates.simulated import SimulatedBackend
 from envs.candidates.spec import CUT_REPLY, cut_reply
-from envs.conditioning import draw, stream_key
+from envs.conditioning import cap_for_json, draw, stream_key
 from envs.episode import OVER_BUDGET, with_conditions
 from envs.prompts import build_prompt
 from rewards.cost import BudgetNormalizer, affordable_tokens, call_cost
@@ -61,6 +61,25 @@ def test_a_group_shares_the_alpha_and_cap_of_its_prompt():
     assert all(len({(e.alpha, e.max_cost) for e in group}) == 1 for group in groups)
     assert len({group[0].alpha for group in groups}) > 8  # prompts differ
     assert with_conditions([{**QUESTION, "alpha": 0.25}], cfg, 0, 0)[0]["alpha"] == 0.25  # a given one stays
+
+
+def test_a_cap_of_infinity_in_a_sample_set_draws_questions_with_no_cap():
+    """`.inf` is no cap: those episodes state no budget and spend freely, the others state theirs."""
+    cfg = EpisodeConfig(max_cost={"sample": [math.inf, 40.0]}, prompt_template="compact")
+    tok = tiny_tokenizer()
+    env = MultiRouteVectorEnv(tok, CandidatePool(SPECS, SimulatedBackend({})), cfg)
+    env.reset(with_conditions([dict(QUESTION, id=i) for i in range(16)], cfg, seed=0, step=0))
+    caps = [e.max_cost for e in env.episodes]
+    assert set(caps) == {None, 40.0}
+    for e in env.episodes:
+        assert ("Budget: 40 micro-$." in tok.decode(e.prompt_ids)) == (e.max_cost == 40.0)
+        assert e.budget_left == (None if e.max_cost is None else 40.0)
+    assert cfg.longest_conditions() == (None, 40.55)  # the longest statement is the finite cap's
+    assert cap_for_json({"sample": [math.inf, 40.0]}) == {"sample": [None, 40.0]} and cap_for_json(math.inf) is None
+    pinned = cfg.pinned(max_cost=math.inf)  # evaluate.py's `max_costs: [.inf]`: the uncapped point
+    env = MultiRouteVectorEnv(tok, CandidatePool(SPECS, SimulatedBackend({})), pinned)
+    env.reset([QUESTION])
+    assert env.episodes[0].max_cost is None and "Budget" not in tok.decode(env.episodes[0].prompt_ids)
 
 
 def test_a_sampled_alpha_must_be_drawn_before_the_episode_starts():

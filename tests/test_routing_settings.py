@@ -3,6 +3,7 @@ difference, warn outside the trained range, name the file and key when broken, a
 an older checkpoint's config.yaml."""
 
 import json
+import math
 import warnings
 
 import pytest
@@ -69,6 +70,18 @@ def test_alpha_and_cap_outside_the_trained_range_warn_naming_the_range():
         s.check_alpha(1.5)
     with pytest.raises(ValueError, match="max_cost"):
         s.check_max_cost(0)
+
+
+
+def test_a_policy_trained_with_and_without_a_cap_takes_either_silently():
+    s = settings(max_cost={"sample": [math.inf, 40.0]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s.check_max_cost(None), s.check_max_cost(math.inf), s.check_max_cost(40)
+    with pytest.warns(RoutingRangeWarning, match=r"\{no cap, 40\}"):
+        s.check_max_cost(20)
+    with pytest.warns(RoutingRangeWarning, match="max_cost=no cap"):
+        settings(max_cost={"sample": [40.0]}).check_max_cost(math.inf)
 
 
 @pytest.mark.parametrize("content,words", [
