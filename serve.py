@@ -311,7 +311,7 @@ def episode_conditions(settings: RoutingSettings, req: ChatRequest,
             if req.max_cost is not None:
                 settings.check_max_cost(req.max_cost)
                 out["max_cost"] = req.max_cost
-            elif isinstance(settings.max_cost, dict):  # a sampled cap: the most generous one trained (.inf: none)
+            elif isinstance(settings.max_cost, dict):  # sampled caps: the most generous trained (.inf: none)
                 out["max_cost"] = spec_range(settings.max_cost)[1]
         except ValueError as e:
             key = "max_cost" if "max_cost" in str(e) else "cost_weight"
@@ -409,8 +409,9 @@ def make_app(server: Server) -> FastAPI:
         s = server.settings
         return {"object": "list", "data": [{
             "id": cfg.model_name, "object": "model", "created": server.started, "owned_by": "routerl",
-            "routing": {"candidates": [c["name"] for c in s.candidates], "alpha": s.alpha, "max_cost": cap_for_json(s.max_cost),
-                        "conditioned": s.is_conditioned, "max_turns": s.max_turns}}]}
+            "routing": {"candidates": [c["name"] for c in s.candidates], "alpha": s.alpha,
+                        "max_cost": cap_for_json(s.max_cost), "conditioned": s.is_conditioned,
+                        "max_turns": s.max_turns}}]}
 
     @app.get("/health")
     async def health():

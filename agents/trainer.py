@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -111,7 +111,8 @@ class PromptSampler:
 
 # ---------------------------------------------------------------- episodes -> metrics
 
-def episode_metrics(summaries: list[dict], prefix: str, task_stats=None) -> dict[str, float]:
+def episode_metrics(summaries: list[dict], prefix: str,
+                    task_stats: Callable[[list[dict]], dict[str, float]] | None = None) -> dict[str, float]:
     """Mean reward, EM (outcome), format-error rate, raw cost, calls per episode and per candidate,
     failed calls (`call_failure_metrics`), and the task's own per-episode means (`task_stats`:
     summaries -> {name: mean}, e.g. RouteWorld's two-hop questions asked hop by hop)."""

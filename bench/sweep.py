@@ -161,7 +161,8 @@ def markdown(table: dict, aiqs: dict | None, cost_range: tuple | None, n_seeds: 
     for setting, rows in table.items():
         lines += [f"### {setting}", "", markdown_table(
             ["router", "EM", "raw cost", "reward", "format err", "2-hop split"],
-            [[name] + [f"{m[k][0]:.3f} ± {m[k][1]:.3f}" if k in m else "-" for k in METRICS] for name, m in rows.items()]), ""]
+            [[name] + [f"{m[k][0]:.3f} ± {m[k][1]:.3f}" if k in m else "-" for k in METRICS]
+             for name, m in rows.items()]), ""]
     if aiqs:
         lines += [f"AIQ over the shared cost range [{cost_range[0]:.2f}, {cost_range[1]:.2f}] micro-$:", "",
                   markdown_table(["curve", "AIQ"], [[k, f"{v:.3f}"] for k, v in aiqs.items()])]

@@ -63,8 +63,8 @@ class EpisodeConfig:
 
     def longest_conditions(self) -> tuple[float | None, float | None]:
         """An alpha and a cap whose statement makes a prompt as long as these settings draw (for bounds
-        on a prompt's length): 0.55 (two decimals, the precision a drawn alpha has), and the largest cap
-        plus 0.55; None where the prompt states none."""
+        on a prompt's length): 0.55 (two decimals, the precision a drawn alpha has), and the largest finite
+        cap plus 0.55; None where the prompt states none."""
         alpha = 0.55 if self.conditioned else None
         cap = largest_cap(self.max_cost) if self.max_cost is not None else None
         return alpha, None if cap is None else cap + 0.55
@@ -308,8 +308,8 @@ _EXAMPLE_KEYS = ("question", "golden_answers", "alpha", "max_cost")
 
 
 def _condition(example: dict, cfg: EpisodeConfig, key: str, index: int) -> float | None:
-    """An example's own alpha or max_cost, else the config's fixed one; a sampled one must be drawn
-    (`with_conditions`) before the episode starts."""
+    """An example's own alpha or max_cost, else the config's fixed one (a cap of infinity is none); a
+    sampled one must be drawn (`with_conditions`) before the episode starts."""
     spec = getattr(cfg, key)
     value = example.get(key)
     if value is None and is_sampled(spec):
