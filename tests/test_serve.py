@@ -470,3 +470,20 @@ def test_cost_weights_and_caps_of_a_conditioned_policy_are_honoured_per_request_
     expected = alone(conditioned, [q for q, _, _ in asks],
                      [{"alpha": r["cost_weight"], "max_cost": r["max_cost"]} for r in routing])
     assert [r["trajectory"] for r in routing] == [e["trajectory"] for e in expected]
+
+
+def test_a_policy_trained_with_and_without_a_cap_answers_uncapped_by_default(checkpoint, questions, tmp_path):
+    """`.inf` among the trained caps: a request without max_cost states no budget and shows `null`, one
+    with a cap states it; strict JSON never sees infinity."""
+    policy = tmp_path / "policy"
+    shutil.copytree(checkpoint, policy)
+    (tmp_path / "config.yaml").write_text((checkpoint.parent / "config.yaml").read_text())
+    save_routing_settings(policy, dataclasses.replace(serve.load_routing_settings(checkpoint),
+                                                      max_cost={"sample": [float("inf"), 40.0]}))
+    with serve.running(serve.build_server(config(policy))) as url:
+        models = httpx.get(url + "/models").json()
+        free, capped = ask(client(url), questions[0]), ask(client(url), questions[0], extra_body={"max_cost": 40})
+    assert models["data"][0]["routing"]["max_cost"] == {"sample": [None, 40.0]}
+    assert free.model_extra["routing"]["max_cost"] is None and capped.model_extra["routing"]["max_cost"] == 40
+    assert "warnings" not in free.model_extra["routing"] and "warnings" not in capped.model_extra["routing"]
+    assert capped.usage.prompt_tokens > free.usage.prompt_tokens  # "Budget: 40 micro-$." is stated
