@@ -48,6 +48,7 @@ from agents.policy import (
 from agents.rollout import ForcedSchedule, episode_room, run_rollouts
 from agents.routing_settings import RoutingSettings, save_routing_settings
 from envs.atomic import write_text_atomic
+from envs.conditioning import spec_values
 from envs.episode import EpisodeConfig, episode_prompts, with_conditions
 from envs.vector import MultiRouteVectorEnv
 from rewards import make_cost_normalizer
@@ -132,6 +133,39 @@ def episode_metrics(summaries: list[dict], prefix: str,
     if task_stats is not None and summaries:
         out.update({f"{prefix}/{k}": v for k, v in task_stats(summaries).items()})
     return {**out, **call_failure_metrics(summaries, prefix)}
+
+
+def sampled_alphas(episode: EpisodeConfig) -> list[float]:
+    """The cost weights of a conditioned run drawn from a sample set of two or more (none for a fixed
+    alpha, one pinned weight, or a range, whose draws are too many to log one by one)."""
+    values = spec_values(episode.alpha) if isinstance(episode.alpha, dict) and "sample" in episode.alpha else []
+    return values if len(values) > 1 else []
+
+
+def alpha_parts(summaries: list[dict], prefix: str, alphas: list[float]) -> dict[str, float]:
+    """Per cost weight a: the share of episodes drawn at a, and the per-episode means of reward x [alpha
+    = a] and raw cost x [alpha = a]. They average over ranks like any episode mean; `alpha_means`
+    divides them after that average."""
+    n, out = max(len(summaries), 1), {}
+    for a in alphas:
+        at = [s for s in summaries if s.get("alpha") is not None and math.isclose(s["alpha"], a, abs_tol=1e-9)]
+        out[f"{prefix}/share@alpha={a:g}"] = len(at) / n
+        out[f"{prefix}/reward_part@alpha={a:g}"] = sum(s["reward"]["total"] for s in at) / n
+        out[f"{prefix}/raw_cost_part@alpha={a:g}"] = sum(s["raw_cost"] for s in at) / n
+    return out
+
+
+def alpha_means(metrics: dict[str, float], prefix: str, alphas: list[float]) -> dict[str, float]:
+    """`{prefix}/reward@alpha=a` and `{prefix}/raw_cost@alpha=a`, the means over the episodes drawn at
+    each weight, from `alpha_parts`' averages (weights never drawn get no key); the parts are dropped.
+    A conditioned policy that spends alike at every weight has not learnt to read it."""
+    out = {k: v for k, v in metrics.items() if "_part@alpha=" not in k and "/share@alpha=" not in k}
+    for a in alphas:
+        share = metrics.get(f"{prefix}/share@alpha={a:g}", 0.0)
+        if share > 0:
+            for name in ("reward", "raw_cost"):
+                out[f"{prefix}/{name}@alpha={a:g}"] = metrics[f"{prefix}/{name}_part@alpha={a:g}"] / share
+    return out
 
 
 @dataclass
@@ -228,7 +262,7 @@ class Trainer:
         in that order."""
         t0 = time.perf_counter()
         batch, summaries, metrics = self.rollout()
-        episodes = self._reduce(episode_metrics(summaries, "train", self.task.episode_stats), len(summaries))
+        episodes = self._episode_means(summaries, "train", self.cfg.episode)
         n = self.cfg.rollout.n_prompts * self.cfg.rollout.n_per_prompt  # episodes of the step, all ranks
         self.call_monitor.observe(episodes["train/calls"] * n, episodes["train/failed_calls"] * n,
                                   first_error(summaries))
@@ -376,6 +410,13 @@ class Trainer:
                 stats.add(critic_stats)
         stats.add(engines.step())
 
+    def _episode_means(self, summaries: list[dict], prefix: str, episode: EpisodeConfig) -> dict[str, float]:
+        """`episode_metrics` over every rank's episodes, with each sampled cost weight's reward and raw cost."""
+        alphas = sampled_alphas(episode)
+        local_means = {**episode_metrics(summaries, prefix, self.task.episode_stats),
+                       **alpha_parts(summaries, prefix, alphas)}
+        return alpha_means(self._reduce(local_means, len(summaries)), prefix, alphas)
+
     def _reduce(self, metrics: dict[str, float], n: int) -> dict[str, float]:
         """Episode means over all ranks: each rank's means weighted by its `n` episodes (a key a rank
         lacks, e.g. calls to a candidate it never called, counts as 0 there)."""
@@ -403,7 +444,7 @@ class Trainer:
                 run_rollouts(policy, env, mine[start:start + chunk], 0.0, 1.0, self.cfg.seed, -1, self.pad_id,
                              forced=self.forced, engine=engine)
                 summaries += [s for _, s in env.finish(self.normalizer)]
-        return self._reduce(episode_metrics(summaries, prefix, self.task.episode_stats), len(summaries)), summaries
+        return self._episode_means(summaries, prefix, episode), summaries
 
     # ------------------------------------------------------------ checkpoints
 

@@ -13,7 +13,7 @@ import torch
 from tiny import TINY_RUN
 
 import train
-from agents.trainer import latest_checkpoint
+from agents.trainer import alpha_means, alpha_parts, latest_checkpoint
 
 TINY = [
     *TINY_RUN, "task.n_test=8", "episode.max_response_tokens=48",
@@ -198,3 +198,24 @@ def test_a_conditioned_run_shares_alpha_within_groups_reports_each_alpha_and_sav
     settings = load_routing_settings(tmp_path / "c" / "checkpoints" / "best" / "policy")
     assert settings.is_conditioned and settings.alpha == {"sample": [0.0, 0.3, 0.5, 0.8]}
     assert settings.prompt_template == "compact" and settings.max_turns == 2
+    logged = [json.loads(line) for line in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    per_alpha = {k for m in logged for k in m if "@alpha=" in k}
+    assert any(k.startswith("train/raw_cost@alpha=") for k in per_alpha)
+    assert any(k.startswith("val/reward@alpha=") for k in per_alpha)
+    assert {k.split("=")[1] for k in per_alpha} <= {"0", "0.3", "0.5", "0.8"}
+    pinned = [row for name, row in rows.items() if "(alpha " in name]  # played at one weight: no breakdown
+    assert pinned and not any("@alpha=" in k for row in pinned for k in row)
+
+
+def test_each_sampled_cost_weight_gets_the_mean_of_its_own_episodes_across_ranks():
+    def episode(alpha, reward, cost):
+        return {"alpha": alpha, "reward": {"total": reward}, "raw_cost": cost}
+    ranks = [[episode(0.0, 1.0, 120.0), episode(0.8, 0.9, 1.0), episode(0.8, 0.5, 3.0)],
+             [episode(0.0, 0.0, 80.0), episode(0.0, 1.0, 100.0)]]
+    alphas = [0.0, 0.3, 0.8]
+    parts = [alpha_parts(r, "train", alphas) for r in ranks]
+    n = [len(r) for r in ranks]  # the trainer's mean over ranks weights each rank by its episodes
+    averaged = {k: sum(w * p[k] for w, p in zip(n, parts)) / sum(n) for k in parts[0]}
+    means = alpha_means({"train/reward": 0.68, **averaged}, "train", alphas)
+    assert means == pytest.approx({"train/reward": 0.68, "train/reward@alpha=0": 2 / 3, "train/raw_cost@alpha=0": 100.0,
+                                   "train/reward@alpha=0.8": 0.7, "train/raw_cost@alpha=0.8": 2.0})
