@@ -28,6 +28,7 @@ class RolloutBatch:
     raw_cost: torch.Tensor
     turns: torch.Tensor
     calls: torch.Tensor
+    source_rows: torch.Tensor | None = None  # a relabelled row's sampled row (agents.relabel), -1 for a sampled one
     old_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
@@ -52,9 +53,11 @@ class RolloutBatch:
 
 
 def build_batch(episodes: Sequence[Episode], scores: Sequence[float], group_ids: Sequence[int],
-                sampler_logprobs: Sequence[Sequence[float]], pad_id: int) -> RolloutBatch:
+                sampler_logprobs: Sequence[Sequence[float]], pad_id: int,
+                source_rows: Sequence[int] | None = None) -> RolloutBatch:
     """Stack finished episodes: prompt + response ids, masks, and the outcome reward placed on the
-    last action token (an episode without action tokens cannot carry a reward: an error)."""
+    last action token (an episode without action tokens cannot carry a reward: an error).
+    `source_rows` marks relabelled copies (agents.relabel): the row each copies, -1 for sampled rows."""
     B = len(episodes)
     T = max(len(e.prompt_ids) + len(e.response_ids) for e in episodes)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
@@ -80,6 +83,7 @@ def build_batch(episodes: Sequence[Episode], scores: Sequence[float], group_ids:
         raw_cost=torch.tensor([e.raw_cost for e in episodes]),
         turns=torch.tensor([e.turns for e in episodes]),
         calls=torch.tensor([len(e.calls) for e in episodes]),
+        source_rows=torch.as_tensor([-1] * B if source_rows is None else list(source_rows), dtype=torch.long),
     )
 
 

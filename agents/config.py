@@ -148,6 +148,9 @@ class AlgorithmConfig:
     ppo_epochs: int = 1
     minibatch_size: int = 32  # episodes per optimizer step (global)
     critic_warmup_steps: int = 0  # steps that train only the critic
+    # a conditioned run also trains each episode restated at every other weight of the step's alpha
+    # sample set (agents.relabel); each optimizer step then takes that many times more episodes
+    relabel_alpha: bool = False
 
     def __post_init__(self):
         get_advantage(self.advantage)  # unknown name: error listing the registered ones
@@ -259,6 +262,9 @@ class TrainConfig:
         for i, a in enumerate(self.report_alphas):
             check_spec(f"report_alphas[{i}]", a, unit=True)
         check_curriculum(self.alpha_curriculum, self.episode.alpha)
+        if self.algorithm.relabel_alpha and not (isinstance(self.episode.alpha, dict) and "sample" in self.episode.alpha):
+            raise ValueError(f"algorithm.relabel_alpha restates episodes at the other weights of a sample set, "
+                             f"but episode.alpha={self.episode.alpha!r}; give it as {{sample: [...]}}")
         if self.reward_fn:
             load_reward_fn(self.reward_fn)  # a bad module:function fails before any model loads
         if get_advantage(self.algorithm.advantage).groups and self.rollout.n_per_prompt < 2:

@@ -45,6 +45,7 @@ from agents.policy import (
     sequence_logprobs,
     sequence_values,
 )
+from agents.relabel import relabelled, truncated_ratio
 from agents.rollout import ForcedSchedule, episode_room, run_rollouts
 from agents.routing_settings import RoutingSettings, save_routing_settings
 from envs.atomic import write_text_atomic
@@ -267,7 +268,7 @@ class Trainer:
         self.call_monitor.observe(episodes["train/calls"] * n, episodes["train/failed_calls"] * n,
                                   first_error(summaries))
         batch = self.score_tokens(batch)
-        m = batch.action_mask.bool()
+        m = batch.action_mask.bool() & (batch.source_rows < 0)[:, None]  # sampled rows: relabelled ones had no sampler
         gap = (batch.sampler_logprobs - batch.old_logprobs).abs()[m]
         if gap.numel():
             metrics["rollout/logprob_gap_mean"] = float(gap.mean())
@@ -314,12 +315,30 @@ class Trainer:
         scored = self.env.finish(self.normalizer)
         scores = [r.total for r, _ in scored]
         summaries = [s for _, s in scored]
-        batch = build_batch(self.env.episodes, scores, group_ids, sampler_logps, self.pad_id)
+        episodes, sources = list(self.env.episodes), [-1] * len(scores)
+        alphas = self.relabel_alphas()
+        if alphas:  # each episode restated at the step's other weights, a group per question and weight
+            copies, src, slots = relabelled(episodes, alphas, self.tokenizer)
+            scores += [c.score(self.normalizer, self.reward_fn).total for c in copies]
+            group_ids += [group_ids[i] + k * n_prompts for i, k in zip(src, slots)]
+            sampler_logps = list(sampler_logps) + [[0.0] * (len(c.inserted) - sum(c.inserted)) for c in copies]
+            episodes, sources = episodes + copies, sources + src
+        batch = build_batch(episodes, scores, group_ids, sampler_logps, self.pad_id, sources)
         timing = {"time/rollout_s": rollout_s, "perf/rollout_tokens_per_s": stats.generated_tokens / max(rollout_s, 1e-9)}
         if self.fast is not None:
             for k, v in self.fast.timings.items():  # seconds under time/, counts under perf/
                 timing[f"{'time' if k.endswith('_s') else 'perf'}/rollout_{k}"] = v
         return batch, summaries, timing
+
+    def relabel_alphas(self) -> list[float]:
+        """The weights this step's episodes are restated at (algorithm.relabel_alpha): the values of the
+        step's sample set, that of a curriculum stage where one applies; none when it has one value."""
+        spec = self.cfg.alpha_at(self.step)
+        spec = self.cfg.episode.alpha if spec is None else spec
+        if not self.cfg.algorithm.relabel_alpha or not isinstance(spec, dict) or "sample" not in spec:
+            return []
+        values = spec_values(spec)
+        return values if len(values) > 1 else []
 
     @torch.no_grad()
     def score_tokens(self, batch: RolloutBatch) -> RolloutBatch:
@@ -365,12 +384,18 @@ class Trainer:
             self.kl_ctl.update(mean_kl, len(batch))
         data = AdvantageInput(batch.token_rewards, mask, batch.values, batch.group_ids, self.dist.all_reduce_sum)
         batch.advantages, batch.returns = self.estimator.fn(data, self.adv_cfg)
+        copies = batch.source_rows >= 0
+        if copies.any():  # relabelled rows: sampled at another alpha, so weighted by the truncated ratio
+            w = truncated_ratio(batch.old_logprobs, mask, batch.source_rows)
+            batch.advantages = batch.advantages * w[:, None]
+            metrics["relabel/ratio_mean"] = float(w[copies].mean())
         return metrics
 
     def update(self, batch: RolloutBatch) -> dict[str, float]:
         """`ppo_epochs` passes over shuffled minibatches; one optimizer step per minibatch."""
         alg = self.cfg.algorithm
         size = per_rank("algorithm.minibatch_size", alg.minibatch_size, self.dist.world_size)
+        size *= len(batch) // int((batch.source_rows < 0).sum())  # relabelled copies: as many optimizer steps
         train_actor = self.step >= alg.critic_warmup_steps  # the critic alone during its warm-up
         engines = StepEngines({"actor": self.m.actor_engine if train_actor else None,
                                "critic": self.m.critic_engine}, self.dist)
