@@ -25,12 +25,14 @@ from agents.config import TrainConfig, load_config, redacted
 from agents.distributed import init_distributed, per_rank
 from agents.pad_token import ensure_pad_token, generation_eos
 from agents.policy import build_actor
+from agents.relabel import check_cues
 from agents.sft import play_scripted, replay_turns, sft_train, trajectories_from_jsonl
 from agents.trainer import MetricsLogger, Trainer, complete_checkpoints, latest_checkpoint
 from envs.atomic import write_atomic, write_text_atomic
 from envs.candidates.pool import CandidatePool
 from envs.candidates.simulated import SimulatedBackend
-from envs.episode import EpisodeConfig, with_conditions
+from envs.conditioning import spec_values
+from envs.episode import EpisodeConfig, episode_prompts, with_conditions
 from envs.prompts import build_prompt
 from envs.tasks import make_task, seeded_rng
 from envs.vector import MultiRouteVectorEnv
@@ -268,6 +270,10 @@ def train(cfg: TrainConfig, task, dist_, run_dir: Path, resume: bool) -> dict:
         raise ValueError("the tokenizer needs a pad token distinct from EOS (set one and save the tokenizer)")
 
     check_prompt_lengths(cfg, task, tokenizer)
+    if cfg.algorithm.relabel_alpha:
+        alphas = spec_values(cfg.episode.alpha)
+        check_cues(episode_prompts([task.train[0]["question"]] * len(alphas), tokenizer, task.pool, cfg.episode, alphas),
+                   alphas, tokenizer)
     resume_from = latest_checkpoint(run_dir) if resume else None
     sft_dir = run_dir / "sft_policy"
     if resume_from is not None and sft_dir.exists():

@@ -62,6 +62,16 @@ def relabel(episode: Episode, alpha: float, tokenizer) -> Episode:
     return out
 
 
+def check_cues(prompt_ids: Sequence[Sequence[int]], alphas: Sequence[float], tokenizer) -> None:
+    """Refuse relabelling (before any model loads) when a prompt stating one of `alphas` does not hold
+    that weight's words as `cue_ids` encodes them alone, so a copy could not restate it."""
+    for ids, a in zip(prompt_ids, alphas):
+        if not swap_runs(ids, [True] * len(ids), cue_ids(tokenizer, a), [])[2]:
+            raise ValueError(f"algorithm.relabel_alpha: the tokenizer encodes {condition_text(a).strip()!r} "
+                             "differently inside the prompt than alone, so relabelling cannot restate it; "
+                             "turn algorithm.relabel_alpha off for this tokenizer")
+
+
 def relabelled(episodes: Sequence[Episode], alphas: Sequence[float], tokenizer) -> tuple[list[Episode], list[int], list[int]]:
     """Each episode restated at each weight of `alphas` other than its own: the copies, the index of
     the episode each copies, and which of the other weights (1, 2, ...) it states, for its group."""

@@ -3,7 +3,7 @@ scored by the same reward at that weight, gets its own group, and is weighted by
 
 import torch
 
-from agents.relabel import relabel, swap_runs, truncated_ratio
+from agents.relabel import check_cues, relabel, swap_runs, truncated_ratio
 
 
 def test_swap_runs_replaces_whole_runs_of_one_kind_only():
@@ -79,3 +79,30 @@ def test_a_relabelling_step_trains_each_episode_at_both_weights_in_groups_of_its
     assert 0.0 < metrics["relabel/ratio_mean"] <= 1.0
     update = trainer.update(batch)
     assert update["actor/grad_norm"] > 0
+
+
+def test_relabelling_is_refused_before_training_when_a_prompt_does_not_hold_its_weights_words():
+    import pytest
+
+    from agents.config import load_config
+    from envs.episode import episode_prompts
+    from envs.tasks import make_task
+    from tests.test_trainer import TINY
+    cfg = load_config("configs/routeworld_tiny_conditioned.yaml", [*TINY, "sft.enabled=false"])
+    task = make_task(cfg)
+    tok, q = task.tokenizer, task.train[0]["question"]
+    check_cues(episode_prompts([q, q], tok, task.pool, cfg.episode, [0.0, 0.8]), [0.0, 0.8], tok)
+    wrong = episode_prompts([q], tok, task.pool, cfg.episode, [0.0])  # states 0, checked for 0.8
+    with pytest.raises(ValueError, match="Cost weight: 0.8"):
+        check_cues(wrong, [0.8], tok)
+
+
+def test_relabelling_needs_a_sample_set_of_weights():
+    import pytest
+
+    from agents.config import load_config
+    with pytest.raises(ValueError, match="algorithm.relabel_alpha"):
+        load_config("configs/routeworld_tiny.yaml", ["algorithm.relabel_alpha=true"])
+    with pytest.raises(ValueError, match="algorithm.relabel_alpha"):
+        load_config("configs/routeworld_tiny_conditioned.yaml", ["episode.alpha={low: 0.0, high: 0.8}",
+                                                                 "algorithm.relabel_alpha=true"])
