@@ -148,8 +148,9 @@ class AlgorithmConfig:
     ppo_epochs: int = 1
     minibatch_size: int = 32  # episodes per optimizer step (global)
     critic_warmup_steps: int = 0  # steps that train only the critic
-    # a conditioned run also trains each episode restated at every other weight of the step's alpha
-    # sample set (agents.relabel); each optimizer step then takes that many times more episodes
+    # a conditioned run also trains each episode restated at every other weight of episode.alpha's
+    # sample set, whatever a curriculum stage draws (agents.relabel); each optimizer step then takes
+    # that many times more episodes
     relabel_alpha: bool = False
 
     def __post_init__(self):

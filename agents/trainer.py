@@ -331,14 +331,10 @@ class Trainer:
         return batch, summaries, timing
 
     def relabel_alphas(self) -> list[float]:
-        """The weights this step's episodes are restated at (algorithm.relabel_alpha): the values of the
-        step's sample set, that of a curriculum stage where one applies; none when it has one value."""
-        spec = self.cfg.alpha_at(self.step)
-        spec = self.cfg.episode.alpha if spec is None else spec
-        if not self.cfg.algorithm.relabel_alpha or not isinstance(spec, dict) or "sample" not in spec:
-            return []
-        values = spec_values(spec)
-        return values if len(values) > 1 else []
+        """The weights every episode is restated at (algorithm.relabel_alpha): all of episode.alpha's
+        sample set, also while a curriculum stage draws only some of them (a stage draws trained
+        weights only, so each episode gets the same number of copies)."""
+        return spec_values(self.cfg.episode.alpha) if self.cfg.algorithm.relabel_alpha else []
 
     @torch.no_grad()
     def score_tokens(self, batch: RolloutBatch) -> RolloutBatch:

@@ -51,17 +51,17 @@ def test_a_relabelled_episode_states_the_other_weight_and_is_scored_at_it():
     assert at_0.total == 1.0 and 0.0 < at_08.total < 1.0  # at 0.8 the call's cost counts
 
 
-def test_a_relabelling_step_trains_each_episode_at_both_weights_in_groups_of_its_own(tmp_path):
+def test_a_relabelling_step_trains_each_episode_at_every_trained_weight_in_groups_of_its_own(tmp_path):
     from agents.config import load_config
     from agents.distributed import Dist
     from agents.policy import build_actor
     from agents.trainer import Trainer
     from envs.tasks import make_task
     from tests.test_trainer import TINY
-    cfg = load_config("configs/routeworld_tiny_conditioned.yaml", [
-        f"run_dir={tmp_path}", *TINY, "sft.enabled=false", "alpha_curriculum=[]", "episode.alpha={sample: [0.0, 0.8]}",
-        "algorithm.advantage=grpo", "algorithm.kl.placement=loss", "algorithm.kl.estimator=k3",
-        "rollout.n_per_prompt=2", "algorithm.relabel_alpha=true"])
+    cfg = load_config("configs/routeworld_tiny_conditioned.yaml", [  # the stage draws 0 and 0.8; 0.5 is only restated
+        f"run_dir={tmp_path}", *TINY, "sft.enabled=false", "episode.alpha={sample: [0.0, 0.5, 0.8]}",
+        "alpha_curriculum=[[5, {sample: [0.0, 0.8]}]]", "algorithm.advantage=grpo", "algorithm.kl.placement=loss",
+        "algorithm.kl.estimator=k3", "rollout.n_per_prompt=2", "algorithm.relabel_alpha=true"])
     task = make_task(cfg)
     tok = task.tokenizer
     torch.manual_seed(0)
@@ -69,11 +69,13 @@ def test_a_relabelling_step_trains_each_episode_at_both_weights_in_groups_of_its
     trainer = Trainer(cfg, task, tok, actor, Dist(), tmp_path)
     batch, summaries, _ = trainer.rollout()
     n = len(summaries)
-    assert n == 8 and len(batch) == 2 * n  # each episode once more, at the other weight
-    assert batch.source_rows[:n].eq(-1).all() and batch.source_rows[n:].tolist() == list(range(n))
-    assert set(batch.group_ids[n:].tolist()).isdisjoint(batch.group_ids[:n].tolist())
-    assert batch.group_ids[n:].tolist() == [g + 4 for g in batch.group_ids[:n].tolist()]  # 4 prompts: its own group
-    assert torch.equal(batch.raw_cost[n:], batch.raw_cost[:n])  # the same calls
+    assert n == 8 and len(batch) == 3 * n  # each episode twice more, at the two other trained weights
+    assert {s["alpha"] for s in summaries} <= {0.0, 0.8}
+    assert batch.source_rows[:n].eq(-1).all() and sorted(batch.source_rows[n:].tolist()) == sorted(list(range(n)) * 2)
+    sampled_groups = set(batch.group_ids[:n].tolist())
+    copy_groups = batch.group_ids[n:].tolist()
+    assert sampled_groups.isdisjoint(copy_groups) and len(set(copy_groups)) == 2 * len(sampled_groups)
+    assert torch.equal(batch.raw_cost[n:], batch.raw_cost[batch.source_rows[n:]])  # the same calls
     batch = trainer.score_tokens(batch)
     metrics = trainer.add_kl_and_advantages(batch)
     assert 0.0 < metrics["relabel/ratio_mean"] <= 1.0
