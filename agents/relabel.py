@@ -1,5 +1,5 @@
 """Cost-weight relabelling for a conditioned policy: every sampled episode is also trained as if its
-prompt had stated each other weight of the step's sample set.
+prompt had stated each other weight the policy is trained for (episode.alpha's sample set).
 
 A conditioned policy must learn how the best call depends on alpha, yet two episodes drawn at two
 alphas share nothing but the shared weights. The reward is a known function of alpha, so one
