@@ -16,7 +16,7 @@ import yaml
 from agents.advantages import AdvantageConfig, get_advantage
 from agents.call_errors import CallFailureConfig
 from agents.losses import LOSS_AGGREGATIONS, validate_kl_placement
-from envs.conditioning import check_spec, in_range, is_sampled, spec_values
+from envs.conditioning import check_spec, in_range, is_sample_set, is_sampled, spec_values
 from envs.episode import EpisodeConfig
 from rewards.compose import load_reward_fn
 from rewards.cost import make_cost_normalizer
@@ -263,7 +263,7 @@ class TrainConfig:
         for i, a in enumerate(self.report_alphas):
             check_spec(f"report_alphas[{i}]", a, unit=True)
         check_curriculum(self.alpha_curriculum, self.episode.alpha)
-        if self.algorithm.relabel_alpha and not (isinstance(self.episode.alpha, dict) and "sample" in self.episode.alpha):
+        if self.algorithm.relabel_alpha and not is_sample_set(self.episode.alpha):
             raise ValueError(f"algorithm.relabel_alpha restates episodes at the other weights of a sample set, "
                              f"but episode.alpha={self.episode.alpha!r}; give it as {{sample: [...]}}")
         if self.reward_fn:

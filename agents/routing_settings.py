@@ -18,7 +18,7 @@ import yaml
 from agents.config import TaskConfig, from_dict
 from envs.atomic import write_text_atomic
 from envs.candidates.spec import CandidateSpec
-from envs.conditioning import as_cap, check_spec, in_range, is_sampled, spec_range
+from envs.conditioning import as_cap, check_spec, in_range, is_sample_set, is_sampled, spec_range
 from envs.episode import EpisodeConfig
 
 ROUTING_FILE = "routing.json"
@@ -32,7 +32,7 @@ class RoutingRangeWarning(UserWarning):
 def _describe(spec: Any) -> str:
     if spec is None or spec == math.inf:
         return "no cap"
-    if isinstance(spec, dict) and "sample" in spec:
+    if is_sample_set(spec):
         return "the set {" + ", ".join("no cap" if math.isinf(v) else f"{v:g}" for v in spec["sample"]) + "}"
     low, high = spec_range(spec)
     return f"the range [{low:g}, {high:g}]" if low != high else f"{low:g} only"

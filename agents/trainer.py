@@ -49,7 +49,7 @@ from agents.relabel import relabelled, truncated_ratio
 from agents.rollout import ForcedSchedule, episode_room, run_rollouts
 from agents.routing_settings import RoutingSettings, save_routing_settings
 from envs.atomic import write_text_atomic
-from envs.conditioning import spec_values
+from envs.conditioning import is_sample_set, spec_values
 from envs.episode import EpisodeConfig, episode_prompts, with_conditions
 from envs.vector import MultiRouteVectorEnv
 from rewards import make_cost_normalizer
@@ -139,7 +139,7 @@ def episode_metrics(summaries: list[dict], prefix: str,
 def sampled_alphas(episode: EpisodeConfig) -> list[float]:
     """The cost weights of a conditioned run drawn from a sample set of two or more (none for a fixed
     alpha, one pinned weight, or a range, whose draws are too many to log one by one)."""
-    values = spec_values(episode.alpha) if isinstance(episode.alpha, dict) and "sample" in episode.alpha else []
+    values = spec_values(episode.alpha) if is_sample_set(episode.alpha) else []
     return values if len(values) > 1 else []
 
 
@@ -334,7 +334,7 @@ class Trainer:
         """The weights every episode is restated at (algorithm.relabel_alpha): all of episode.alpha's
         sample set, also while a curriculum stage draws only some of them (a stage draws trained
         weights only, so each episode gets the same number of copies)."""
-        return spec_values(self.cfg.episode.alpha) if self.cfg.algorithm.relabel_alpha else []
+        return sampled_alphas(self.cfg.episode) if self.cfg.algorithm.relabel_alpha else []
 
     @torch.no_grad()
     def score_tokens(self, batch: RolloutBatch) -> RolloutBatch:

@@ -60,6 +60,11 @@ def is_sampled(spec: Spec) -> bool:
     return isinstance(spec, dict)
 
 
+def is_sample_set(spec: Spec) -> bool:
+    """True when the value is drawn from a finite set (`{sample: [...]}`), not a range or a number."""
+    return isinstance(spec, dict) and "sample" in spec
+
+
 def spec_range(spec: Spec) -> tuple[float, float]:
     """The smallest and largest value a spec can give."""
     if isinstance(spec, dict):
@@ -70,7 +75,7 @@ def spec_range(spec: Spec) -> tuple[float, float]:
 
 def largest_cap(spec: Spec) -> float | None:
     """The largest finite cap a spec can give (None when it gives only "no cap")."""
-    values = spec["sample"] if isinstance(spec, dict) and "sample" in spec else list(spec_range(spec))
+    values = spec["sample"] if is_sample_set(spec) else list(spec_range(spec))
     finite = [float(v) for v in values if math.isfinite(v)]
     return max(finite) if finite else None
 
@@ -89,7 +94,7 @@ def cap_for_json(spec: Spec) -> Spec:
 
 def spec_values(spec: Spec) -> list[float]:
     """Every value a spec can give: the number, the sample set, or a range's steps of 0.01."""
-    if isinstance(spec, dict) and "sample" in spec:
+    if is_sample_set(spec):
         return sorted({float(v) for v in spec["sample"]})
     low, high = spec_range(spec)
     steps = round((high - low) * 10**RANGE_DECIMALS)
@@ -99,7 +104,7 @@ def spec_values(spec: Spec) -> list[float]:
 def in_range(spec: Spec, value: float) -> bool:
     """Whether `value` lies where `spec` gives values: one of a sample set, inside a range, or equal
     to a fixed number."""
-    if isinstance(spec, dict) and "sample" in spec:
+    if is_sample_set(spec):
         return any(math.isclose(value, v, abs_tol=1e-9) for v in spec["sample"])
     low, high = spec_range(spec)
     return low - 1e-9 <= value <= high + 1e-9

@@ -1,6 +1,7 @@
 """Cost-weight relabelling: a copy states the other weight wherever the episode stated its own, is
 scored by the same reward at that weight, gets its own group, and is weighted by the truncated ratio."""
 
+import pytest
 import torch
 
 from agents.relabel import check_cues, relabel, swap_runs, truncated_ratio
@@ -84,8 +85,6 @@ def test_a_relabelling_step_trains_each_episode_at_every_trained_weight_in_group
 
 
 def test_relabelling_is_refused_before_training_when_a_prompt_does_not_hold_its_weights_words():
-    import pytest
-
     from agents.config import load_config
     from envs.episode import episode_prompts
     from envs.tasks import make_task
@@ -100,8 +99,6 @@ def test_relabelling_is_refused_before_training_when_a_prompt_does_not_hold_its_
 
 
 def test_relabelling_needs_a_sample_set_of_weights():
-    import pytest
-
     from agents.config import load_config
     with pytest.raises(ValueError, match="algorithm.relabel_alpha"):
         load_config("configs/routeworld_tiny.yaml", ["algorithm.relabel_alpha=true"])
